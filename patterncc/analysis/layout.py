@@ -1,0 +1,194 @@
+"""Block layouts: which (query tile, key tile) pairs of a head are empty, partial or full.
+
+Computed in closed form from the IR by abstract interpretation over tiles (`runtime/tiles.py`): the work is
+O(tiles^2) integer ops, never an n x n mask, so n = 65536 takes milliseconds. Positions may be visited
+through a permutation (e.g. the grid transpose that makes `stride(l)` block-sparse); tiles are then tiles of
+the permuted order, and the predicate is still evaluated on original positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import ir
+from ..runtime import tiles
+from ..runtime.random_blocks import random_block_table
+
+EMPTY, PARTIAL, FULL = tiles.EMPTY, tiles.PARTIAL, tiles.FULL
+_ROWS_PER_CHUNK = 256  # query tiles classified at once; bounds memory at 256 x num_key_tiles int64s per value
+
+
+def abstract_expr(expr: ir.Expr, env: dict):
+    """Evaluate an IR expression over tiles: integers become `tiles.SI`, conditions (may_true, may_false)."""
+    if isinstance(expr, ir.Const):
+        return tiles.truth(expr.value) if isinstance(expr.value, bool) else tiles.const(expr.value)
+    if isinstance(expr, ir.Var):
+        value = env[expr.name]
+        return tiles.const(value) if isinstance(value, int) else value
+    if isinstance(expr, ir.Neg):
+        return tiles.neg(abstract_expr(expr.operand, env))
+    if isinstance(expr, ir.Not):
+        return tiles.not_(abstract_expr(expr.operand, env))
+    if isinstance(expr, ir.Call):
+        args = [abstract_expr(a, env) for a in expr.args]
+        return {"abs": tiles.abs_, "isqrt": tiles.isqrt, "min": tiles.minimum, "max": tiles.maximum}[expr.func](*args)
+    assert isinstance(expr, ir.BinOp)
+    a, b = abstract_expr(expr.left, env), abstract_expr(expr.right, env)
+    if expr.op == "and":
+        return tiles.and_(a, b)
+    if expr.op == "or":
+        return tiles.or_(a, b)
+    if expr.op in ir.COMPARE_OPS:
+        return tiles.compare(expr.op, a, b)
+    return {"+": tiles.add, "-": tiles.sub, "*": tiles.mul, "//": tiles.floordiv, "%": tiles.mod}[expr.op](a, b)
+
+
+def abstract_set(s: ir.SetExpr, env: dict, random_tables: dict):
+    if isinstance(s, ir.Random):
+        table = random_tables[s]
+        block = env["__block__"]
+        return tiles.lookup(table, tiles.floordiv(env["i"], tiles.const(block)),
+                            tiles.floordiv(env["j"], tiles.const(block)))
+    if isinstance(s, ir.SetPrimitive):
+        return abstract_expr(s.predicate(), env)
+    left, right = abstract_set(s.left, env, random_tables), abstract_set(s.right, env, random_tables)
+    if isinstance(s, ir.Union):
+        return tiles.or_(left, right)
+    if isinstance(s, ir.Intersect):
+        return tiles.and_(left, right)
+    return tiles.and_(left, tiles.not_(right))
+
+
+def random_tables(bound: ir.Bound, body: ir.SetExpr, h: int) -> dict:
+    """The block table of every `random` node in a head, at the pattern's block size."""
+    out = {}
+    nb = -(-bound.n // bound.block)
+    env = {**bound.env, "n": bound.n, "h": h}
+    for node in body.walk():
+        if isinstance(node, ir.Random):
+            r, seed = ir.evaluate_int(node.r, env), ir.evaluate_int(node.seed, env)
+            out[node] = random_block_table(nb, nb, r, seed, bound.pattern.causal)
+    return out
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Tile classes of one attention head: int8 (num_q_tiles, num_k_tiles) of EMPTY / PARTIAL / FULL.
+
+    FULL tiles need no mask at all (not even for padding: a tile holding positions past n is never FULL).
+    """
+
+    classes: torch.Tensor
+    tile_m: int
+    tile_n: int
+    n: int
+
+    @property
+    def num_q_tiles(self) -> int:
+        return self.classes.shape[0]
+
+    @property
+    def num_k_tiles(self) -> int:
+        return self.classes.shape[1]
+
+    def counts(self) -> dict[str, int]:
+        return {name: int((self.classes == code).sum()) for name, code in
+                (("empty", EMPTY), ("partial", PARTIAL), ("full", FULL))}
+
+    def density(self) -> float:
+        return float((self.classes != EMPTY).sum()) / self.classes.numel()
+
+
+def index_lists(classes: torch.Tensor):
+    """Compact per-row lists of non-empty tiles, ascending: (counts[rows], indices[rows, width], full[rows, width]).
+
+    Rows are query tiles for `classes`, key tiles for `classes.T`. Padding entries repeat the row's last index
+    (or 0 for an empty row) and are never read: kernels loop to counts[row].
+    """
+    nonempty = classes != EMPTY
+    counts = nonempty.sum(dim=1).to(torch.int32)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    cols = torch.arange(classes.shape[1], dtype=torch.int64).expand_as(classes)
+    # Sort non-empty columns first (stable keeps them ascending): key = column, or a large number if empty.
+    keyed = torch.where(nonempty, cols, classes.shape[1] + cols)
+    order = torch.sort(keyed, dim=1, stable=True).values[:, :width]
+    order = torch.where(order >= classes.shape[1], order - classes.shape[1], order)
+    indices = order.to(torch.int32)
+    full = torch.gather(classes, 1, order) == FULL
+    valid = torch.arange(width)[None, :] < counts[:, None].to(torch.int64)
+    last = torch.where(counts > 0, torch.gather(indices, 1, (counts.clamp(min=1) - 1).to(torch.int64)[:, None])[:, 0], 0)
+    indices = torch.where(valid, indices, last[:, None])
+    return counts, indices.contiguous(), (full & valid).contiguous()
+
+
+def head_layout(bound: ir.Bound, pairs, tile_m: int | None = None, tile_n: int | None = None,
+                positions: torch.Tensor | None = None) -> BlockLayout:
+    """Layout of one attention head: the union of (group, h) pairs (see `ir.Bound.head_sets`).
+
+    `positions[p]` is the original position at slot p of the visiting order (default: natural order).
+    """
+    n = bound.n
+    tile_m = tile_m or bound.block
+    tile_n = tile_n or bound.block
+    if positions is None:
+        q_tiles, k_tiles = tiles.natural_tiles(n, tile_m), tiles.natural_tiles(n, tile_n)
+    else:
+        q_tiles, k_tiles = tiles.tile_positions(positions, n, tile_m), tiles.tile_positions(positions, n, tile_n)
+    num_q, num_k = q_tiles.lo.shape[0], k_tiles.lo.shape[0]
+    causal = bound.pattern.causal
+    classes = torch.empty(num_q, num_k, dtype=torch.int8)
+    prepared = []
+    for group, h in pairs:
+        if group.family != "set":
+            prepared.append((ir.Dense(), {}, h))
+        else:
+            prepared.append((group.body, random_tables(bound, group.body, h), h))
+    j = tiles.SI(k_tiles.lo[None, :], k_tiles.hi[None, :], k_tiles.st[None, :])
+    for start in range(0, num_q, _ROWS_PER_CHUNK):
+        stop = min(start + _ROWS_PER_CHUNK, num_q)
+        i = tiles.SI(q_tiles.lo[start:stop, None], q_tiles.hi[start:stop, None], q_tiles.st[start:stop, None])
+        pred = tiles.truth(False)
+        for body, tables, h in prepared:
+            env = {**bound.env, "n": n, "h": h, "i": i, "j": j, "__block__": bound.block}
+            pred = tiles.or_(pred, abstract_set(body, env, tables))
+        if causal:
+            pred = tiles.and_(pred, tiles.compare("<=", j, i))
+        classes[start:stop] = tiles.classify(pred).expand(stop - start, num_k)
+    if n % tile_m or n % tile_n:
+        pad_q = torch.zeros(num_q, dtype=torch.bool)
+        pad_k = torch.zeros(num_k, dtype=torch.bool)
+        if positions is None:
+            pad_q[-1] = n % tile_m != 0
+            pad_k[-1] = n % tile_n != 0
+        else:
+            pad_q[-1] = n % tile_m != 0
+            pad_k[-1] = n % tile_n != 0
+        padded = (pad_q[:, None] | pad_k[None, :]) & (classes == FULL)
+        classes[padded] = PARTIAL
+    return BlockLayout(classes, tile_m, tile_n, n)
+
+
+def pattern_layouts(bound: ir.Bound, layer: int = 0, tile_m: int | None = None, tile_n: int | None = None,
+                    positions: torch.Tensor | None = None) -> list[BlockLayout]:
+    """One layout per attention head of `layer`, in head order; heads with equal (group, h) sets share work."""
+    cache: dict = {}
+    out = []
+    for pairs in bound.head_sets(layer):
+        key = tuple((g.name, h if _uses_h(g) else 0) for g, h in pairs)
+        if key not in cache:
+            cache[key] = head_layout(bound, pairs, tile_m, tile_n, positions)
+        out.append(cache[key])
+    return out
+
+
+def _uses_h(group: ir.HeadGroup) -> bool:
+    body = group.body
+    exprs = []
+    if isinstance(body, ir.SetExpr):
+        for node in body.walk():
+            exprs.extend(node.exprs())
+    else:
+        exprs.extend(body.exprs())
+    return any("h" in e.free_vars() for e in exprs)

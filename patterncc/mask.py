@@ -1,0 +1,125 @@
+"""The reference: dense boolean masks computed straight from the IR's formulas.
+
+Kernels are tested against this, so it shares nothing with the layout, lowering or kernel code: it interprets
+the IR expressions on full (n, n) integer grids, with Python's floor semantics for `//` and `%`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from . import ir
+from .errors import PatternUsageError
+from .runtime.random_blocks import random_block_table
+
+Value = torch.Tensor | int | bool
+
+
+def eval_expr(expr: ir.Expr, env: Mapping[str, Value]) -> Value:
+    """Evaluate an expression where i, j (and anything else) may be broadcastable int64 tensors."""
+    if isinstance(expr, ir.Const):
+        return expr.value
+    if isinstance(expr, ir.Var):
+        return env[expr.name]
+    if isinstance(expr, ir.Neg):
+        return -eval_expr(expr.operand, env)
+    if isinstance(expr, ir.Not):
+        value = eval_expr(expr.operand, env)
+        return ~value if isinstance(value, torch.Tensor) else not value
+    if isinstance(expr, ir.Call):
+        args = [eval_expr(a, env) for a in expr.args]
+        if expr.func == "abs":
+            return torch.abs(args[0]) if isinstance(args[0], torch.Tensor) else abs(args[0])
+        if expr.func == "isqrt":
+            return _isqrt(args[0])
+        a, b = (torch.as_tensor(x) for x in args)
+        return torch.minimum(a, b) if expr.func == "min" else torch.maximum(a, b)
+    assert isinstance(expr, ir.BinOp)
+    a, b = eval_expr(expr.left, env), eval_expr(expr.right, env)
+    op = expr.op
+    if op in ("and", "or"):
+        a, b = torch.as_tensor(a, dtype=torch.bool), torch.as_tensor(b, dtype=torch.bool)
+        return a & b if op == "and" else a | b
+    if op in ("//", "%"):
+        divisor = torch.as_tensor(b)
+        if bool((divisor == 0).any()):
+            raise PatternUsageError(f"division by zero in `{expr}`")
+        a = torch.as_tensor(a)
+        return torch.div(a, divisor, rounding_mode="floor") if op == "//" else torch.remainder(a, divisor)
+    return {
+        "+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b,
+        "==": lambda: torch.as_tensor(a) == b, "!=": lambda: torch.as_tensor(a) != b,
+        "<": lambda: torch.as_tensor(a) < b, "<=": lambda: torch.as_tensor(a) <= b,
+        ">": lambda: torch.as_tensor(a) > b, ">=": lambda: torch.as_tensor(a) >= b,
+    }[op]()
+
+
+def _isqrt(x: Value) -> Value:
+    if not isinstance(x, torch.Tensor):
+        import math
+
+        return math.isqrt(x)
+    if bool((x < 0).any()):
+        raise PatternUsageError("isqrt of a negative number")
+    root = torch.sqrt(x.to(torch.float64)).to(torch.int64)
+    root = torch.where(root * root > x, root - 1, root)  # float sqrt can be one off near perfect squares
+    return torch.where((root + 1) * (root + 1) <= x, root + 1, root)
+
+
+def set_mask(s: ir.SetExpr, env: Mapping[str, Value], n: int, block: int, causal: bool) -> torch.Tensor:
+    """Boolean (n, n) for a set expression; env binds n, h, parameters and lets (i, j are added here)."""
+    i = torch.arange(n, dtype=torch.int64)[:, None]
+    j = torch.arange(n, dtype=torch.int64)[None, :]
+    full_env = {**env, "i": i, "j": j, "n": n}
+
+    def walk(node: ir.SetExpr) -> torch.Tensor:
+        if isinstance(node, ir.Random):
+            nb = -(-n // block)
+            r = int(ir.evaluate_int(node.r, env_ints))
+            seed = int(ir.evaluate_int(node.seed, env_ints))
+            table = random_block_table(nb, nb, r, seed, causal)
+            return table[i // block, j // block]
+        if isinstance(node, ir.SetPrimitive):
+            return torch.as_tensor(eval_expr(node.predicate(), full_env), dtype=torch.bool).expand(n, n)
+        left, right = walk(node.left), walk(node.right)
+        if isinstance(node, ir.Union):
+            return left | right
+        if isinstance(node, ir.Intersect):
+            return left & right
+        return left & ~right
+
+    env_ints = {k: v for k, v in full_env.items() if not isinstance(v, torch.Tensor)}
+    out = walk(s).clone()
+    if causal:
+        out &= j <= i
+    return out
+
+
+def support_mask(n: int, causal: bool) -> torch.Tensor:
+    """What kernel heads (all earlier keys) and hashed heads (an upper bound) may attend to."""
+    out = torch.ones(n, n, dtype=torch.bool)
+    return out.tril() if causal else out
+
+
+def head_mask(bound: ir.Bound, group: ir.HeadGroup, h: int) -> torch.Tensor:
+    if group.family != "set":
+        return support_mask(bound.n, bound.pattern.causal)
+    env = {**bound.env, "h": h}
+    return set_mask(group.body, env, bound.n, bound.block, bound.pattern.causal)
+
+
+def pattern_mask(pattern: ir.Pattern, n: int, layer: int = 0) -> torch.Tensor:
+    bound = pattern.bind(n)
+    cache: dict[tuple[str, int], torch.Tensor] = {}
+    heads = []
+    for pairs in bound.head_sets(layer):
+        out = torch.zeros(n, n, dtype=torch.bool)
+        for group, h in pairs:
+            key = (group.name, h)
+            if key not in cache:
+                cache[key] = head_mask(bound, group, h)
+            out |= cache[key]
+        heads.append(out)
+    return torch.stack(heads)

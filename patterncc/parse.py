@@ -1,0 +1,266 @@
+"""Stage 1: source text -> syntax tree (`ast.py`), with syntax errors that point at line and column.
+
+Lark never reaches the user: its `UnexpectedInput` is converted here, and `match_examples` labels the
+common mistakes with an explanation of what to write instead.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import lark
+from lark import Token, Transformer, v_args
+
+from . import ast
+from .errors import PatternSyntaxError, Span
+from .resources import resource_dir
+
+
+@cache
+def _parser() -> lark.Lark:
+    grammar = (resource_dir("grammar") / "attn.lark").read_text()
+    return lark.Lark(grammar, parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+def _span(meta_or_token) -> Span:
+    if isinstance(meta_or_token, Token):
+        end = meta_or_token.end_column if meta_or_token.end_line == meta_or_token.line else None
+        return Span(meta_or_token.line, meta_or_token.column, end)
+    if getattr(meta_or_token, "empty", False):
+        return Span(1, 1)
+    end = meta_or_token.end_column if meta_or_token.end_line == meta_or_token.line else None
+    return Span(meta_or_token.line, meta_or_token.column, end)
+
+
+@v_args(meta=True)
+class _ToAst(Transformer):
+    def __init__(self, source: str, filename: str):
+        super().__init__()
+        self.source = source
+        self.filename = filename
+
+    def start(self, meta, patterns):
+        return ast.Module(_span(meta), tuple(patterns), self.source, self.filename)
+
+    def pattern(self, meta, children):
+        name, *rest = children
+        params = tuple(p for p in rest if isinstance(p, ast.Param))
+        body = tuple(s for s in rest if s is not None and not isinstance(s, ast.Param))
+        return ast.Pattern(_span(name), str(name), params, body)
+
+    def param(self, meta, children):
+        name, default = children
+        return ast.Param(_span(name), str(name), default)
+
+    def let_stmt(self, meta, children):
+        name, value = children
+        return ast.Let(_span(name), str(name), value)
+
+    def causal_stmt(self, meta, children):
+        return ast.Causal(_span(meta))
+
+    def block_stmt(self, meta, children):
+        return ast.Block(_span(meta), children[0])
+
+    def head_stmt(self, meta, children):
+        name, count, body = children
+        return ast.Head(_span(name), str(name), count, body)
+
+    def combine_stmt(self, meta, children):
+        return ast.Combine(_span(children[0]), str(children[0]))
+
+    def empty_stmt(self, meta, children):
+        return None
+
+    def where_clause(self, meta, children):
+        return ast.Where(_span(meta), children[0])
+
+    def set_union(self, meta, children):
+        return ast.SetOp(_span(meta), "|", children[0], children[1])
+
+    def set_inter(self, meta, children):
+        return ast.SetOp(_span(meta), "&", children[0], children[1])
+
+    def set_diff(self, meta, children):
+        return ast.SetOp(_span(meta), "-", children[0], children[1])
+
+    def primitive(self, meta, children):
+        name, *args = children
+        has_parens = not (len(args) == 0 or (len(args) == 1 and args[0] is None and _is_bare(meta, name)))
+        args = tuple(a for a in args if a is not None)
+        return ast.Primitive(_span(name), str(name), args, has_parens)
+
+    def pos_arg(self, meta, children):
+        return ast.Arg(_span(meta), None, children[0])
+
+    def kw_arg(self, meta, children):
+        name, value = children
+        return ast.Arg(_span(name), str(name), value)
+
+    def or_op(self, meta, children):
+        return ast.Binary(_span(meta), "or", *children)
+
+    def and_op(self, meta, children):
+        return ast.Binary(_span(meta), "and", *children)
+
+    def not_op(self, meta, children):
+        return ast.Unary(_span(meta), "not", children[0])
+
+    def compare(self, meta, children):
+        left, op, right = children
+        return ast.Binary(_span(op), str(op), left, right)
+
+    def _binary(op):  # noqa: N805 - a factory for the five arithmetic rules
+        def rule(self, meta, children):
+            return ast.Binary(_span(meta), op, children[0], children[1])
+
+        return rule
+
+    add, sub, mul, floordiv, mod = _binary("+"), _binary("-"), _binary("*"), _binary("//"), _binary("%")
+
+    def neg(self, meta, children):
+        return ast.Unary(_span(meta), "-", children[0])
+
+    def number(self, meta, children):
+        return ast.Number(_span(children[0]), int(children[0]))
+
+    def decimal(self, meta, children):
+        return ast.Decimal(_span(children[0]), str(children[0]))
+
+    def true(self, meta, children):
+        return ast.BoolLit(_span(meta), True)
+
+    def false(self, meta, children):
+        return ast.BoolLit(_span(meta), False)
+
+    def var(self, meta, children):
+        return ast.Name(_span(children[0]), str(children[0]))
+
+    def call(self, meta, children):
+        name, *args = children
+        return ast.Call(_span(name), str(name), tuple(a for a in args if a is not None))
+
+
+def _is_bare(meta, name: Token) -> bool:
+    """True when a primitive was written without parentheses (`dense`), false for `dense()`."""
+    return getattr(meta, "end_pos", None) == name.end_pos
+
+
+# Common mistakes, labelled by the parser state they leave Lark in (Lark's `match_examples`).
+_EXAMPLES: dict[str, list[str]] = {
+    "inside `where`, combine conditions with `and`, `or`, `not`; `where` extends to the end of its head's "
+    "expression, so to combine it with set operators write `(where ...) | other`": [
+        "pattern p() { head a = where i > j | local(1) }",
+        "pattern p() { head a = where i > j & local(1) }",
+        "pattern p() { head a = where i > j - local(1) }",
+    ],
+    "a pattern starts with `pattern NAME(params) { ... }`": [
+        "head a = local(1)",
+        "causal",
+        "pattern { }",
+    ],
+    "a head is written `head NAME = EXPR` or `head NAME[k] = EXPR`": [
+        "pattern p() { head = local(1) }",
+        "pattern p() { head a local(1) }",
+        "pattern p() { head a: local(1) }",
+    ],
+    "a parameter list is written `(name = default, ...)`": [
+        "pattern p(l = ) { }",
+        "pattern p(l = 1,) { }",
+        "pattern p(1) { }",
+    ],
+    "use `and`, `or`, `not` for booleans and `|`, `&`, `-` for sets": [
+        "pattern p() { head a = where !(i > j) }",
+        "pattern p() { head a = where i > j and && j }",
+    ],
+    "unbalanced braces or parentheses": [
+        "pattern p() { head a = local(1) ",
+        "pattern p() { head a = (local(1) }",
+        "pattern p() { head a = local(1 }",
+    ],
+}
+
+_TOKEN_NAMES = {
+    "NAME": "a name",
+    "INT": "an integer",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "LSQB": "'['",
+    "RSQB": "']'",
+    "EQUAL": "'='",
+    "COMMA": "','",
+    "VBAR": "'|'",
+    "AMPERSAND": "'&'",
+    "MINUS": "'-'",
+    "PLUS": "'+'",
+    "STAR": "'*'",
+    "PERCENT": "'%'",
+    "SLASH": "'/'",
+    "COMPARE": "a comparison",
+    "SEMICOLON": "';'",
+    "$END": "end of file",
+}
+
+
+def _describe_expected(expected: set[str]) -> str:
+    names = sorted({_TOKEN_NAMES.get(t, t.lower().strip("_") if not t.isupper() else f"'{t.lower()}'")
+                    for t in expected})
+    if len(names) > 8:
+        names = names[:8] + ["..."]
+    return ", ".join(names)
+
+
+def parse_source(source: str, filename: str = "<pattern>") -> ast.Module:
+    """Parse .attn text into a syntax tree; raise PatternSyntaxError on any malformed input."""
+    parser = _parser()
+    try:
+        tree = parser.parse(source)
+    except lark.UnexpectedInput as err:
+        raise _syntax_error(err, source, filename) from None
+    return _ToAst(source, filename).transform(tree)
+
+
+def _syntax_error(err: lark.UnexpectedInput, source: str, filename: str) -> PatternSyntaxError:
+    line = getattr(err, "line", None) or 1
+    column = getattr(err, "column", None) or 1
+    if line < 1:  # Lark reports -1 at end of input
+        lines = source.splitlines() or [""]
+        line, column = len(lines), len(lines[-1]) + 1
+    if isinstance(err, lark.UnexpectedCharacters):
+        got = repr(source[err.pos_in_stream]) if err.pos_in_stream < len(source) else "end of file"
+        message = f"unexpected character {got}"
+    elif isinstance(err, lark.UnexpectedToken):
+        got = "end of file" if err.token.type == "$END" else repr(str(err.token))
+        message = f"unexpected {got}; expected {_describe_expected(set(err.expected))}"
+    else:  # UnexpectedEOF
+        message = "unexpected end of file"
+    hint = None
+    if isinstance(err, lark.UnexpectedCharacters):
+        return PatternSyntaxError(message, Span(line, column), source, filename)
+    try:
+        hint = err.match_examples(_parser().parse, _EXAMPLES, use_accepts=True)
+    except Exception:  # labelling is best effort; the position and expected tokens are still exact
+        hint = None
+    return PatternSyntaxError(message, Span(line, column), source, filename, hint=hint)
+
+
+def read_source(text_or_path: str | Path) -> tuple[str, str]:
+    """(source, filename) for either a path to a .attn file or the pattern text itself."""
+    if isinstance(text_or_path, Path):
+        return _read(text_or_path)
+    text = str(text_or_path)
+    if "{" not in text and (text.endswith(".attn") or Path(text).is_file()):
+        return _read(Path(text))
+    return text, "<pattern>"
+
+
+def _read(path: Path) -> tuple[str, str]:
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except FileNotFoundError:
+        raise PatternSyntaxError(f"no such pattern file: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise PatternSyntaxError(f"cannot read {path}: {err}") from None

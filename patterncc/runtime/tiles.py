@@ -1,0 +1,260 @@
+"""Tile classification by abstract interpretation: is a (query tile, key tile) pair empty, partial or full?
+
+Every quantity is a *strided interval* per tile pair: all the values it can take lie in
+{lo, lo + st, lo + 2 st, ..., hi} (st == 0: the single value lo). Tiles of positions are exact strided
+intervals in natural order (st = 1) and after the grid permutations the analysis finds (st = l), which is what
+lets `(i - j) % l == 0` be decided per tile. Predicates are three-valued: (may_be_true, may_be_false).
+The result is sound, never exact by luck: "full" means every pair in the tile satisfies the predicate, "empty"
+means none does; anything unproven is "partial" and the kernel evaluates the predicate there.
+
+All ops are vectorized over tile pairs with torch int64 tensors that broadcast (query tiles along dim 0, key
+tiles along dim 1). Self-contained (torch and math only): generated modules embed this file.
+"""
+
+import torch
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+_BIG = 1 << 60  # values beyond this are treated as unbounded; keeps int64 products from wrapping
+
+
+class SI:
+    """A strided interval per tile pair: lo, hi, st (int64 tensors or Python ints, broadcastable)."""
+
+    __slots__ = ("lo", "hi", "st")
+
+    def __init__(self, lo, hi, st):
+        self.lo, self.hi, self.st = lo, hi, st
+
+    def __repr__(self):
+        return f"SI(lo={self.lo}, hi={self.hi}, st={self.st})"
+
+
+def _t(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.tensor(x, dtype=torch.int64)
+
+
+def const(c: int) -> SI:
+    return SI(_t(c), _t(c), _t(0))
+
+
+def _top_like(*xs) -> SI:
+    shape = torch.broadcast_shapes(*(_t(x).shape for x in xs))
+    return SI(torch.full(shape, -_BIG), torch.full(shape, _BIG), torch.ones(shape, dtype=torch.int64))
+
+
+def _clamp(s: SI) -> SI:
+    """Widen anything near the int64 edge to the unbounded interval (sound: it only loses precision)."""
+    wide = (s.lo < -_BIG) | (s.hi > _BIG)
+    if not bool(torch.as_tensor(wide).any()):
+        return s
+    return SI(torch.where(wide, -_BIG, s.lo), torch.where(wide, _BIG, s.hi), torch.where(wide, 1, s.st))
+
+
+def tile_positions(positions: torch.Tensor, n: int, tile: int) -> SI:
+    """Per tile of `tile` consecutive slots of `positions` (a permutation of 0..n-1, or arange(n)): the
+    strided interval of the original positions it holds. Slots past n (the last tile's padding) are ignored.
+    Shape (num_tiles,)."""
+    num_tiles = -(-n // tile)
+    padded = torch.full((num_tiles * tile,), -1, dtype=torch.int64)
+    padded[:n] = positions.to(torch.int64)
+    grid = padded.view(num_tiles, tile)
+    valid = grid >= 0
+    lo = torch.where(valid, grid, _BIG).min(dim=1).values
+    hi = torch.where(valid, grid, -1).max(dim=1).values
+    st = torch.zeros(num_tiles, dtype=torch.int64)
+    for c in range(tile):
+        diff = torch.where(valid[:, c], grid[:, c] - lo, 0)
+        st = torch.gcd(st, diff)
+    return SI(lo, hi, st)
+
+
+def natural_tiles(n: int, tile: int) -> SI:
+    """Tile intervals of the identity order, in closed form (no permutation tensor)."""
+    lo = torch.arange(0, n, tile, dtype=torch.int64)
+    hi = torch.clamp(lo + tile - 1, max=n - 1)
+    return SI(lo, hi, (hi > lo).to(torch.int64))
+
+
+# Integer ops ----------------------------------------------------------------------------------------------------
+
+
+def add(a: SI, b: SI) -> SI:
+    return _clamp(SI(a.lo + b.lo, a.hi + b.hi, torch.gcd(_t(a.st), _t(b.st))))
+
+
+def neg(a: SI) -> SI:
+    return SI(-a.hi, -a.lo, a.st)
+
+
+def sub(a: SI, b: SI) -> SI:
+    return add(a, neg(b))
+
+
+def mul(a: SI, b: SI) -> SI:
+    corners = [a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi]
+    lo = torch.minimum(torch.minimum(_t(corners[0]), _t(corners[1])), torch.minimum(_t(corners[2]), _t(corners[3])))
+    hi = torch.maximum(torch.maximum(_t(corners[0]), _t(corners[1])), torch.maximum(_t(corners[2]), _t(corners[3])))
+    # (a.lo + s k)(b.lo + t m) - a.lo b.lo is a multiple of gcd(a.lo t, b.lo s, s t)
+    st = torch.gcd(torch.gcd(_t(a.lo) * _t(b.st), _t(b.lo) * _t(a.st)), _t(a.st) * _t(b.st))
+    big = (torch.abs(lo) > _BIG) | (torch.abs(hi) > _BIG)
+    # bound the product's size before trusting int64: operands up to 2**31 cannot overflow
+    a_big = (torch.abs(_t(a.lo)) > 1 << 31) | (torch.abs(_t(a.hi)) > 1 << 31)
+    b_big = (torch.abs(_t(b.lo)) > 1 << 31) | (torch.abs(_t(b.hi)) > 1 << 31)
+    big = big | a_big | b_big
+    out = SI(lo, hi, torch.abs(st))
+    if bool(big.any()):
+        top = _top_like(lo, hi)
+        out = SI(torch.where(big, top.lo, lo), torch.where(big, top.hi, hi), torch.where(big, 1, out.st))
+    return out
+
+
+def _positive_const_divisor(b: SI):
+    return (_t(b.st) == 0) & (_t(b.lo) > 0)
+
+
+def floordiv(a: SI, b: SI) -> SI:
+    """a // b. Exact stride when the divisor is a positive constant dividing a's stride."""
+    const_pos = _positive_const_divisor(b)
+    d = torch.where(const_pos, _t(b.lo), 1)
+    lo, hi = torch.div(_t(a.lo), d, rounding_mode="floor"), torch.div(_t(a.hi), d, rounding_mode="floor")
+    exact = (_t(a.st) % d) == 0
+    st = torch.where(exact, _t(a.st) // d, (hi > lo).to(torch.int64))
+    # Non-constant or non-positive divisors: bound by the corner quotients when the divisor keeps one sign.
+    general = ~const_pos
+    if bool(general.any()):
+        sign_fixed = (_t(b.lo) > 0) | (_t(b.hi) < 0)
+        qs = []
+        for x in (a.lo, a.hi):
+            for y in (b.lo, b.hi):
+                y = torch.where(_t(y) == 0, 1, _t(y))
+                qs.append(torch.div(_t(x), y, rounding_mode="floor"))
+        glo = torch.minimum(torch.minimum(qs[0], qs[1]), torch.minimum(qs[2], qs[3]))
+        ghi = torch.maximum(torch.maximum(qs[0], qs[1]), torch.maximum(qs[2], qs[3]))
+        top = _top_like(glo, ghi)
+        glo = torch.where(sign_fixed, glo, top.lo)
+        ghi = torch.where(sign_fixed, ghi, top.hi)
+        lo, hi = torch.where(general, glo, lo), torch.where(general, ghi, hi)
+        st = torch.where(general, (hi > lo).to(torch.int64), st)
+    return SI(lo, hi, st)
+
+
+def mod(a: SI, b: SI) -> SI:
+    """a % b with Python's sign convention (result in [0, b) for b > 0)."""
+    const_pos = _positive_const_divisor(b)
+    m = torch.where(const_pos, _t(b.lo), 1)
+    a_lo, a_hi, a_st = _t(a.lo), _t(a.hi), _t(a.st)
+    single = (a_st == 0) | ((a_st % m) == 0)  # every value of a has the same residue
+    no_wrap = torch.div(a_lo, m, rounding_mode="floor") == torch.div(a_hi, m, rounding_mode="floor")
+    g = torch.gcd(a_st, m)
+    g = torch.where(g == 0, m, g)
+    r = torch.remainder(a_lo, g)
+    lo = torch.where(single, torch.remainder(a_lo, m), torch.where(no_wrap, torch.remainder(a_lo, m), r))
+    hi = torch.where(single, torch.remainder(a_lo, m),
+                     torch.where(no_wrap, torch.remainder(a_hi, m), m - g + r))
+    st = torch.where(single, 0, torch.where(no_wrap, a_st, g))
+    if bool((~const_pos).any()):
+        # Other divisors: the result lies between 0 and the divisor (Python's convention), nothing finer.
+        top_hi = torch.maximum(torch.abs(_t(b.lo)), torch.abs(_t(b.hi)))
+        lo = torch.where(const_pos, lo, -top_hi)
+        hi = torch.where(const_pos, hi, top_hi)
+        st = torch.where(const_pos, st, 1)
+    return SI(lo, hi, st)
+
+
+def abs_(a: SI) -> SI:
+    lo, hi = _t(a.lo), _t(a.hi)
+    nonneg, nonpos = lo >= 0, hi <= 0
+    out_lo = torch.where(nonneg, lo, torch.where(nonpos, -hi, 0))
+    out_hi = torch.where(nonneg, hi, torch.where(nonpos, -lo, torch.maximum(-lo, hi)))
+    st = torch.where(nonneg | nonpos, _t(a.st), (out_hi > out_lo).to(torch.int64))
+    return SI(out_lo, out_hi, st)
+
+
+def minimum(a: SI, b: SI) -> SI:
+    lo, hi = torch.minimum(_t(a.lo), _t(b.lo)), torch.minimum(_t(a.hi), _t(b.hi))
+    st = torch.gcd(torch.gcd(_t(a.st), _t(b.st)), _t(a.lo) - _t(b.lo))
+    return SI(lo, hi, torch.where(hi > lo, st, 0))
+
+
+def maximum(a: SI, b: SI) -> SI:
+    lo, hi = torch.maximum(_t(a.lo), _t(b.lo)), torch.maximum(_t(a.hi), _t(b.hi))
+    st = torch.gcd(torch.gcd(_t(a.st), _t(b.st)), _t(a.lo) - _t(b.lo))
+    return SI(lo, hi, torch.where(hi > lo, st, 0))
+
+
+def isqrt(a: SI) -> SI:
+    def floor_sqrt(x):
+        x = torch.clamp(_t(x), min=0)
+        r = torch.sqrt(x.to(torch.float64)).to(torch.int64)
+        r = torch.where(r * r > x, r - 1, r)
+        return torch.where((r + 1) * (r + 1) <= x, r + 1, r)
+
+    lo, hi = floor_sqrt(a.lo), floor_sqrt(a.hi)
+    return SI(lo, hi, (hi > lo).to(torch.int64))
+
+
+# Three-valued predicates: (may_be_true, may_be_false) -----------------------------------------------------------
+
+
+def truth(value: bool):
+    return (torch.tensor(bool(value)), torch.tensor(not value))
+
+
+def _contains_zero(d: SI) -> torch.Tensor:
+    lo, hi, st = _t(d.lo), _t(d.hi), _t(d.st)
+    in_range = (lo <= 0) & (hi >= 0)
+    on_grid = torch.where(st == 0, lo == 0, torch.remainder(-lo, torch.where(st == 0, 1, st)) == 0)
+    return in_range & on_grid
+
+
+def compare(op: str, a: SI, b: SI):
+    d = sub(a, b)
+    lo, hi = _t(d.lo), _t(d.hi)
+    zero = _contains_zero(d)
+    single_zero = (lo == 0) & (hi == 0)
+    if op == "==":
+        return zero, ~single_zero
+    if op == "!=":
+        return ~single_zero, zero
+    if op == "<":
+        return lo < 0, hi >= 0
+    if op == "<=":
+        return lo <= 0, hi > 0
+    if op == ">":
+        return hi > 0, lo <= 0
+    if op == ">=":
+        return hi >= 0, lo < 0
+    raise ValueError(op)
+
+
+def and_(a, b):
+    return a[0] & b[0], a[1] | b[1]
+
+
+def or_(a, b):
+    return a[0] | b[0], a[1] & b[1]
+
+
+def not_(a):
+    return a[1], a[0]
+
+
+def lookup(table: torch.Tensor, row: SI, col: SI):
+    """A boolean table indexed by two integer quantities (e.g. the random primitive's block table)."""
+    exact = (_t(row.st) == 0) & (_t(col.st) == 0)
+    r = torch.clamp(_t(row.lo), 0, table.shape[0] - 1)
+    c = torch.clamp(_t(col.lo), 0, table.shape[1] - 1)
+    value = table[r, c]
+    # Unknown cells (tiles straddling table blocks) may be either; exact cells are what the table says.
+    may_true = torch.where(exact, value, table.any())
+    may_false = torch.where(exact, ~value, ~table.all())
+    return may_true, may_false
+
+
+def classify(pred) -> torch.Tensor:
+    """int8 per tile pair: EMPTY (never true), FULL (always true) or PARTIAL."""
+    may_true, may_false = pred
+    out = torch.full(torch.broadcast_shapes(may_true.shape, may_false.shape), PARTIAL, dtype=torch.int8)
+    out[~may_true.expand_as(out)] = EMPTY
+    out[(may_true & ~may_false).expand_as(out)] = FULL
+    return out
