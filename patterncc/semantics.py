@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import keyword
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -106,9 +107,11 @@ class _Checker:
                 self.check_name(stmt.name, stmt.span, "let")
                 if stmt.name in scope.params or stmt.name in scope.lets:
                     raise self.error(f"`{stmt.name}` is already defined", stmt.span)
-                value = self.expr(stmt.value, _Scope(scope.params, scope.lets, positions=True, head_index=True))
-                if value.free_vars() & {"i", "j", "h"}:
-                    scope.lets[stmt.name] = value  # a macro over positions: inlined where it is used
+                value, kind = self.typed(stmt.value, _Scope(scope.params, scope.lets, positions=True,
+                                                            head_index=True))
+                if value.free_vars() & {"i", "j", "h"} or kind == "bool":
+                    # a macro over positions (or a condition): inlined where it is used, so it keeps its type
+                    scope.lets[stmt.name] = value
                 else:
                     scope.lets[stmt.name] = ir.Var(stmt.name)
                     lets.append((stmt.name, value))
@@ -308,8 +311,8 @@ class _Checker:
             raise self.error(f"`features` only applies to kernel(favor), not kernel({phi})", node.span)
         eps_node = args["eps"]
         eps = float(eps_node.name) if isinstance(eps_node, ir.Var) else float(eps_node.value)
-        if not eps > 0:
-            raise self.error(f"eps of kernel({phi}) must be positive, got {eps!r}", node.span)
+        if not 0 < eps < math.inf:
+            raise self.error(f"eps of kernel({phi}) must be a positive finite number, got {eps!r}", node.span)
         self.value_checks.append((args["seed"], "nonnegative", node.span, "seed of kernel"))
         return ir.Kernel(phi, features, args["seed"], eps)
 
