@@ -13,7 +13,7 @@ import lark
 from lark import Token, Transformer, v_args
 
 from . import ast
-from .errors import PatternSyntaxError, Span
+from .errors import PatternSyntaxError, PatternUsageError, Span
 from .resources import resource_dir
 
 
@@ -261,6 +261,7 @@ def _read(path: Path) -> tuple[str, str]:
     try:
         return path.read_text(encoding="utf-8"), str(path)
     except FileNotFoundError:
-        raise PatternSyntaxError(f"no such pattern file: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise PatternSyntaxError(f"cannot read {path}: {err}") from None
+        raise PatternUsageError("no such pattern file", filename=str(path)) from None
+    except (OSError, UnicodeDecodeError) as err:  # a folder, no permission, not UTF-8 text
+        raise PatternUsageError(f"cannot read this file: {getattr(err, 'strerror', None) or err}",
+                                filename=str(path)) from None
