@@ -101,26 +101,7 @@ class BlockLayout:
         return float((self.classes != EMPTY).sum()) / self.classes.numel()
 
 
-def index_lists(classes: torch.Tensor):
-    """Compact per-row lists of non-empty tiles, ascending: (counts[rows], indices[rows, width], full[rows, width]).
-
-    Rows are query tiles for `classes`, key tiles for `classes.T`. Padding entries repeat the row's last index
-    (or 0 for an empty row) and are never read: kernels loop to counts[row].
-    """
-    nonempty = classes != EMPTY
-    counts = nonempty.sum(dim=1).to(torch.int32)
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
-    cols = torch.arange(classes.shape[1], dtype=torch.int64).expand_as(classes)
-    # Sort non-empty columns first (stable keeps them ascending): key = column, or a large number if empty.
-    keyed = torch.where(nonempty, cols, classes.shape[1] + cols)
-    order = torch.sort(keyed, dim=1, stable=True).values[:, :width]
-    order = torch.where(order >= classes.shape[1], order - classes.shape[1], order)
-    indices = order.to(torch.int32)
-    full = torch.gather(classes, 1, order) == FULL
-    valid = torch.arange(width)[None, :] < counts[:, None].to(torch.int64)
-    last = torch.where(counts > 0, torch.gather(indices, 1, (counts.clamp(min=1) - 1).to(torch.int64)[:, None])[:, 0], 0)
-    indices = torch.where(valid, indices, last[:, None])
-    return counts, indices.contiguous(), (full & valid).contiguous()
+index_lists = tiles.index_lists
 
 
 def head_layout(bound: ir.Bound, pairs, tile_m: int | None = None, tile_n: int | None = None,
@@ -136,37 +117,24 @@ def head_layout(bound: ir.Bound, pairs, tile_m: int | None = None, tile_n: int |
         q_tiles, k_tiles = tiles.natural_tiles(n, tile_m), tiles.natural_tiles(n, tile_n)
     else:
         q_tiles, k_tiles = tiles.tile_positions(positions, n, tile_m), tiles.tile_positions(positions, n, tile_n)
-    num_q, num_k = q_tiles.lo.shape[0], k_tiles.lo.shape[0]
     causal = bound.pattern.causal
-    classes = torch.empty(num_q, num_k, dtype=torch.int8)
     prepared = []
     for group, h in pairs:
         if group.family != "set":
             prepared.append((ir.Dense(), {}, h))
         else:
             prepared.append((group.body, random_tables(bound, group.body, h), h))
-    j = tiles.SI(k_tiles.lo[None, :], k_tiles.hi[None, :], k_tiles.st[None, :])
-    for start in range(0, num_q, _ROWS_PER_CHUNK):
-        stop = min(start + _ROWS_PER_CHUNK, num_q)
-        i = tiles.SI(q_tiles.lo[start:stop, None], q_tiles.hi[start:stop, None], q_tiles.st[start:stop, None])
+
+    def predicate(i, j):
         pred = tiles.truth(False)
         for body, tables, h in prepared:
             env = {**bound.env, "n": n, "h": h, "i": i, "j": j, "__block__": bound.block}
             pred = tiles.or_(pred, abstract_set(body, env, tables))
         if causal:
             pred = tiles.and_(pred, tiles.compare("<=", j, i))
-        classes[start:stop] = tiles.classify(pred).expand(stop - start, num_k)
-    if n % tile_m or n % tile_n:
-        pad_q = torch.zeros(num_q, dtype=torch.bool)
-        pad_k = torch.zeros(num_k, dtype=torch.bool)
-        if positions is None:
-            pad_q[-1] = n % tile_m != 0
-            pad_k[-1] = n % tile_n != 0
-        else:
-            pad_q[-1] = n % tile_m != 0
-            pad_k[-1] = n % tile_n != 0
-        padded = (pad_q[:, None] | pad_k[None, :]) & (classes == FULL)
-        classes[padded] = PARTIAL
+        return pred
+
+    classes = tiles.classify_tiles(predicate, q_tiles, k_tiles, n, tile_m, tile_n, _ROWS_PER_CHUNK)
     return BlockLayout(classes, tile_m, tile_n, n)
 
 

@@ -258,3 +258,58 @@ def classify(pred) -> torch.Tensor:
     out[~may_true.expand_as(out)] = EMPTY
     out[(may_true & ~may_false).expand_as(out)] = FULL
     return out
+
+
+def index_lists(classes: torch.Tensor):
+    """Compact per-row lists of non-empty tiles, ascending: (counts[rows], indices[rows, width], full[rows, width]).
+
+    Rows are query tiles for `classes`, key tiles for `classes.T`. Padding entries repeat the row's last index
+    (or 0 for an empty row) and are never read: kernels loop to counts[row].
+    """
+    nonempty = classes != EMPTY
+    counts = nonempty.sum(dim=1).to(torch.int32)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    cols = torch.arange(classes.shape[1], dtype=torch.int64).expand_as(classes)
+    # Sort non-empty columns first (stable keeps them ascending): key = column, or a large number if empty.
+    keyed = torch.where(nonempty, cols, classes.shape[1] + cols)
+    order = torch.sort(keyed, dim=1, stable=True).values[:, :width]
+    order = torch.where(order >= classes.shape[1], order - classes.shape[1], order)
+    indices = order.to(torch.int32)
+    full = torch.gather(classes, 1, order) == FULL
+    valid = torch.arange(width)[None, :] < counts[:, None].to(torch.int64)
+    last = torch.where(counts > 0, torch.gather(indices, 1, (counts.clamp(min=1) - 1).to(torch.int64)[:, None])[:, 0], 0)
+    indices = torch.where(valid, indices, last[:, None])
+    return counts, indices.contiguous(), (full & valid).contiguous()
+
+
+def tile_lists(selected: torch.Tensor):
+    """Per row, the ascending column indices where `selected` is True: (counts[rows] int32, indices[rows, width]
+    int32). Kernels loop to counts[row]; entries past it repeat a valid index and are never read."""
+    counts = selected.sum(dim=1).to(torch.int32)
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+    cols = torch.arange(selected.shape[1], dtype=torch.int64).expand_as(selected)
+    keyed = torch.where(selected, cols, selected.shape[1] + cols)
+    order = torch.sort(keyed, dim=1).values[:, :width]
+    order = torch.where(order >= selected.shape[1], 0, order)
+    return counts, order.to(torch.int32).contiguous()
+
+
+def classify_tiles(predicate, q_tiles: SI, k_tiles: SI, n: int, tile_m: int, tile_n: int,
+                   rows_per_chunk: int = 256) -> torch.Tensor:
+    """int8 classes (num_q_tiles, num_k_tiles) of `predicate(i, j)` (i, j strided intervals per tile).
+
+    Chunked over query tiles to bound memory. A tile holding padding slots (past n) is never FULL, so FULL
+    tiles need no mask of any kind in a kernel.
+    """
+    num_q, num_k = q_tiles.lo.shape[0], k_tiles.lo.shape[0]
+    classes = torch.empty(num_q, num_k, dtype=torch.int8)
+    j = SI(k_tiles.lo[None, :], k_tiles.hi[None, :], k_tiles.st[None, :])
+    for start in range(0, num_q, rows_per_chunk):
+        stop = min(start + rows_per_chunk, num_q)
+        i = SI(q_tiles.lo[start:stop, None], q_tiles.hi[start:stop, None], q_tiles.st[start:stop, None])
+        classes[start:stop] = classify(predicate(i, j)).expand(stop - start, num_k)
+    if n % tile_m:
+        classes[-1][classes[-1] == FULL] = PARTIAL
+    if n % tile_n:
+        classes[:, -1][classes[:, -1] == FULL] = PARTIAL
+    return classes

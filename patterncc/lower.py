@@ -1,0 +1,262 @@
+"""Stage 4: a bound pattern -> a kernel plan -> generated source (Jinja templates in `templates/`).
+
+All decisions are made here, in Python: which attention heads share a mask, each mask's predicate (with
+parameters that do not depend on n folded to constants, and `causal` included), which permutation makes a
+mask block-sparse, which parameters are runtime arguments (those that depend on n, so a new sequence length
+never recompiles a kernel), int32 vs int64 arithmetic. Templates only place the emitted expressions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from dataclasses import dataclass
+from functools import cache
+
+import jinja2
+
+from . import __version__, ir
+from .embed import embed_module
+from .emit import RandomRef, TilesEmitter, TorchEmitter, TritonEmitter, describe, fold, needs_int64, value_range
+from .errors import PatternUsageError
+from .resources import resource_dir
+
+REFERENCE_N = 4096  # sequence length used to choose permutations when the caller gives none
+
+
+@dataclass(frozen=True)
+class RandomTable:
+    """One `random(r, seed)` node of a mask: r and seed as Python source over n and runtime parameters."""
+
+    r: str
+    seed: str
+
+
+@dataclass(frozen=True)
+class MaskPlan:
+    """One distinct connectivity among the attention heads (heads with equal (group, h) sets share it)."""
+
+    index: int
+    heads: tuple[str, ...]  # the declared heads it is the union of, e.g. ("local",) or ("far[1]",)
+    predicate: ir.Expr  # over i, j, n and runtime parameters; causal included; constants folded
+    period: str | None  # Python source of the grid-transpose period, or None for natural order
+    period_formula: str | None
+    random_tables: tuple[RandomTable, ...]
+
+    @property
+    def math(self) -> str:
+        return describe(self.predicate)
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    pattern: ir.Pattern
+    params: dict  # parameter overrides baked in
+    layer: int
+    class_name: str
+    prefix: str
+    num_heads: int
+    head_masks: tuple[int, ...]  # attention head -> mask index
+    masks: tuple[MaskPlan, ...]
+    runtime_params: tuple[tuple[str, str], ...]  # (name, Python source over n and earlier ones), in order
+    runtime_ranges: tuple[tuple[str, tuple[int, int]], ...]  # bounds of n and runtime parameters
+    block: int
+    causal: bool
+    int64: bool
+
+    @property
+    def permuted(self) -> bool:
+        return any(m.period is not None for m in self.masks)
+
+    @property
+    def has_random(self) -> bool:
+        return any(m.random_tables for m in self.masks)
+
+    @property
+    def random_tables(self) -> list[tuple[int, RandomTable]]:
+        """(mask index, table) for every random table, in kernel table order."""
+        return [(m.index, t) for m in self.masks for t in m.random_tables]
+
+
+class PythonEmitter(TorchEmitter):
+    """Plain Python integers (for runtime parameters): `//` and `%` already floor."""
+
+    def call(self, func, args):
+        return f"math.isqrt({args[0]})" if func == "isqrt" else f"{func}({', '.join(args)})"
+
+    def not_(self, a):
+        return f"(not {a})"
+
+    def binary(self, op, a, b):
+        return f"({a} {op} {b})"
+
+
+def _class_name(name: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in re.split(r"_+", name) if part) or "Pattern"
+
+
+def plan(pattern: ir.Pattern, layer: int = 0, n: int | None = None, params: dict | None = None) -> KernelPlan:
+    """Decide everything the templates need for `pattern` (already carrying any parameter overrides)."""
+    for group in pattern.heads:
+        if group.family != "set":
+            raise PatternUsageError(
+                f"head `{group.name}` is a {group.family} head; this version of patterncc compiles set heads "
+                f"(local, stride, chunk, summary, global, dilated, random, dense, where) only",
+                filename=pattern.filename)
+    dependent = pattern.depends_on_n()
+    if pattern.block.free_vars() & (dependent | {"n"}):
+        raise PatternUsageError("the block size must not depend on n: it is the kernels' tile size",
+                                filename=pattern.filename)
+    bound = pattern.bind(n or REFERENCE_N)
+
+    # Parameters and lets that do not change with n become constants; the others are runtime arguments.
+    constants = {k: v for k, v in bound.env.items() if k not in dependent}
+    python = PythonEmitter({"n": "n", **{k: f"P_{k}" for k in dependent}}, {})
+    runtime: list[tuple[str, str]] = []
+    ranges: dict[str, tuple[int, int]] = {"n": (1, 1 << 30)}
+    for name, expr in [(p.name, p.default) for p in pattern.params] + list(pattern.lets):
+        if name in dependent:
+            body = fold(ir.substitute(expr, constants))
+            runtime.append((name, python(body)))
+            ranges[name] = value_range(body, ranges) or (0, 1)
+    head_sets = bound.head_sets(layer)
+    masks: list[MaskPlan] = []
+    keys: dict[tuple, int] = {}
+    head_masks: list[int] = []
+    for pairs in head_sets:
+        predicates, tables, labels = [], [], []
+        for group, h in pairs:
+            env = {**constants, "h": h}
+            body, group_tables = _lower_set(group.body, env, pattern.block, python, len(tables), bound.block)
+            predicates.append(body)
+            tables.extend(group_tables)
+            labels.append(f"{group.name}[{h}]" if bound.counts[pattern.heads.index(group)] > 1 else group.name)
+        predicate = predicates[0]
+        for extra in predicates[1:]:
+            predicate = ir.or_(predicate, extra)
+        if pattern.causal:
+            predicate = ir.and_(predicate, ir.cmp("<=", ir.J, ir.I))
+        predicate = fold(predicate)
+        key = (predicate, tuple(tables))
+        if key not in keys:
+            period, formula = _choose_period(bound, pairs, predicate, constants, python)
+            keys[key] = len(masks)
+            masks.append(MaskPlan(len(masks), tuple(labels), predicate, period, formula, tuple(tables)))
+        head_masks.append(keys[key])
+
+    int64 = any(needs_int64(m.predicate, ranges) for m in masks)
+    return KernelPlan(
+        pattern=pattern, params=dict(params or {}), layer=layer, class_name=_class_name(pattern.name),
+        prefix=pattern.name.lower(), num_heads=len(head_sets), head_masks=tuple(head_masks),
+        masks=tuple(masks), runtime_params=tuple(runtime), runtime_ranges=tuple(ranges.items()),
+        block=bound.block, causal=pattern.causal, int64=int64)
+
+
+def _lower_set(s: ir.SetExpr, env: dict, block_expr: ir.Expr, python: PythonEmitter, first_table: int,
+               block: int) -> tuple[ir.Expr, list[RandomTable]]:
+    """A set as one predicate over i, j with `random` nodes replaced by table references."""
+    tables: list[RandomTable] = []
+
+    def walk(node: ir.SetExpr) -> ir.Expr:
+        if isinstance(node, ir.Random):
+            r, seed = (fold(ir.substitute(e, env)) for e in (node.r, node.seed))
+            tables.append(RandomTable(python(r), python(seed)))
+            return RandomRef(first_table + len(tables) - 1, block)
+        if isinstance(node, ir.SetPrimitive):
+            return fold(ir.substitute(node.predicate(), env))
+        left, right = walk(node.left), walk(node.right)
+        if isinstance(node, ir.Union):
+            return ir.or_(left, right)
+        if isinstance(node, ir.Intersect):
+            return ir.and_(left, right)
+        return ir.and_(left, ir.Not(right))
+
+    return fold(walk(s)), tables
+
+
+def _choose_period(bound, pairs, predicate, constants, python) -> tuple[str | None, str | None]:
+    """The grid-transpose period that makes this mask block-sparse (from the analysis), as Python source."""
+    try:
+        from .analysis.permute import choose_permutation
+    except ImportError:  # the analysis stage is optional for lowering: natural order is always correct
+        return None, None
+    perm = choose_permutation(bound, pairs, tile=bound.block)
+    if perm is None:
+        return None, None
+    # Find the modulus expression that evaluates to the chosen period, so the period follows n at run time.
+    for node in predicate.walk():
+        if isinstance(node, ir.BinOp) and node.op == "%":
+            try:
+                value = ir.evaluate_int(node.right, {**bound.env, "n": bound.n})
+            except (KeyError, ZeroDivisionError):
+                continue
+            if value == perm.period:
+                return python(node.right), perm.formula
+    return str(perm.period), perm.formula
+
+
+# Rendering -----------------------------------------------------------------------------------------------------
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resource_dir("templates"))),
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+
+
+
+
+def render(kernel_plan: KernelPlan) -> str:
+    """The generated module's source text."""
+    import torch
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    pattern = kernel_plan.pattern
+    runtime = {name: f"P_{name}" for name, _ in kernel_plan.runtime_params}
+    ranges = dict(kernel_plan.runtime_ranges)
+    triton_emit = TritonEmitter({"i": "o_i", "j": "o_j", "n": "n_ctx", **runtime}, ranges)
+    torch_emit = TorchEmitter({"i": "pos_i", "j": "pos_j", "n": "n", **runtime}, ranges)
+    tiles_emit = TilesEmitter({"i": "i", "j": "j", "n": "n", **runtime}, ranges)
+    masks = []
+    for m in kernel_plan.masks:
+        pred = m.predicate
+        constant = pred.value if isinstance(pred, ir.Const) else None
+        masks.append({
+            "plan": m,
+            "triton_tile": (f"tl.full([ROWS, COLS], {int(constant)}, tl.int1)" if constant is not None
+                            else f"tl.broadcast_to({triton_emit(pred)}, [ROWS, COLS])"),
+            "torch": None if constant is not None else torch_emit(pred),
+            "tiles": tiles_emit(pred),
+            "constant": constant,
+        })
+    source_lines = [line.rstrip() for line in pattern.source.splitlines()]
+    context = dict(
+        plan=kernel_plan, masks=masks, version=__version__, torch_version=torch.__version__,
+        triton_version=triton_version, source_lines=source_lines, filename=pattern.filename,
+        unpack_params=(f"({', '.join(f'P_{name}' for name, _ in kernel_plan.runtime_params)},) = runtime_params(n)"
+                       if kernel_plan.runtime_params else None),
+        runtime_args="".join(f", P_{name}" for name, _ in kernel_plan.runtime_params),
+        runtime_params=[(f"P_{name}", source) for name, source in kernel_plan.runtime_params],
+        tiles_source=embed_module("tiles", prefix="tiles_"), random_source=embed_module("random_blocks"),
+        key=plan_key(kernel_plan),
+    )
+    return _environment().get_template("module.py.jinja").render(**context)
+
+
+def plan_key(kernel_plan: KernelPlan) -> str:
+    """A hash of everything that changes the generated source (tinygrad's program key)."""
+    h = hashlib.sha256()
+    h.update(repr((kernel_plan.masks, kernel_plan.head_masks, kernel_plan.runtime_params, kernel_plan.block,
+                   kernel_plan.causal, kernel_plan.int64, kernel_plan.class_name, __version__)).encode())
+    return h.hexdigest()[:16]
+
+
+def with_overrides(kernel_plan: KernelPlan, **changes) -> KernelPlan:
+    return dataclasses.replace(kernel_plan, **changes)
