@@ -170,6 +170,10 @@ _EXAMPLES: dict[str, list[str]] = {
         "pattern p(l = 1,) { }",
         "pattern p(1) { }",
     ],
+    "compare with `==` (a single `=` only gives a name its value)": [
+        "pattern p() { head a = where i = j }",
+        "pattern p() { head a = where i % 2 = 0 }",
+    ],
     "use `and`, `or`, `not` for booleans and `|`, `&`, `-` for sets": [
         "pattern p() { head a = where !(i > j) }",
         "pattern p() { head a = where i > j and && j }",
@@ -200,16 +204,36 @@ _TOKEN_NAMES = {
     "PERCENT": "'%'",
     "SLASH": "'/'",
     "COMPARE": "a comparison",
+    "DECIMAL": "a decimal number",
     "SEMICOLON": "';'",
     "$END": "end of file",
 }
 
+# Characters that are not in the language at all, and what to write instead.
+_CHARACTER_HINTS = {
+    "!": "negate a condition with `not` (`!=` is not-equal)",
+    "/": "integer division is `//` (floor division, as in Python)",
+}
+
+
+def _token_name(token_type: str) -> str:
+    if token_type in _TOKEN_NAMES:
+        return _TOKEN_NAMES[token_type]
+    try:
+        pattern = _parser().get_terminal(token_type).pattern
+    except KeyError:
+        return token_type.lower()
+    # Keywords and operators Lark names itself (`BLOCK`, `__ANON_0` for `//`): show their text.
+    return f"'{pattern.value}'" if isinstance(pattern, lark.lexer.PatternStr) else token_type.lower()
+
 
 def _describe_expected(expected: set[str]) -> str:
-    names = sorted({_TOKEN_NAMES.get(t, t.lower().strip("_") if not t.isupper() else f"'{t.lower()}'")
-                    for t in expected})
-    if len(names) > 8:
-        names = names[:8] + ["..."]
+    def order(name: str) -> tuple[int, str]:  # "a name", "a comparison" first, then operators, then keywords
+        return (0 if not name.startswith("'") else 2 if name[1:-1].isalpha() else 1), name
+
+    names = sorted({_token_name(t) for t in expected}, key=order)
+    if len(names) > 12:
+        names = names[:12] + ["..."]
     return ", ".join(names)
 
 
@@ -234,12 +258,14 @@ def _syntax_error(err: lark.UnexpectedInput, source: str, filename: str) -> Patt
         message = f"unexpected character {got}"
     elif isinstance(err, lark.UnexpectedToken):
         got = "end of file" if err.token.type == "$END" else repr(str(err.token))
-        message = f"unexpected {got}; expected {_describe_expected(set(err.expected))}"
+        # `accepts` (what the parser state really accepts) is exact where LALR's `expected` over-approximates.
+        message = f"unexpected {got}; expected {_describe_expected(set(err.accepts or err.expected))}"
     else:  # UnexpectedEOF
         message = "unexpected end of file"
     hint = None
     if isinstance(err, lark.UnexpectedCharacters):
-        return PatternSyntaxError(message, Span(line, column), source, filename)
+        char = source[err.pos_in_stream] if err.pos_in_stream < len(source) else ""
+        return PatternSyntaxError(message, Span(line, column), source, filename, hint=_CHARACTER_HINTS.get(char))
     try:
         hint = err.match_examples(_parser().parse, _EXAMPLES, use_accepts=True)
     except Exception:  # labelling is best effort; the position and expected tokens are still exact
