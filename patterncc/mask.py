@@ -15,14 +15,22 @@ from .errors import PatternUsageError
 from .runtime.random_blocks import random_block_table
 
 Value = torch.Tensor | int | bool
+_INT64 = 2**63
+
+
+def _fits(value: Value, what: str) -> Value:
+    """Python integers enter int64 tensor arithmetic here; one that does not fit is the user's error."""
+    if isinstance(value, int) and not -_INT64 <= value < _INT64:
+        raise PatternUsageError(f"{what} does not fit in a 64-bit integer")
+    return value
 
 
 def eval_expr(expr: ir.Expr, env: Mapping[str, Value]) -> Value:
     """Evaluate an expression where i, j (and anything else) may be broadcastable int64 tensors."""
     if isinstance(expr, ir.Const):
-        return expr.value
+        return _fits(expr.value, f"the integer {expr.value}")
     if isinstance(expr, ir.Var):
-        return env[expr.name]
+        return _fits(env[expr.name], f"`{expr.name}` = {env[expr.name]}")
     if isinstance(expr, ir.Neg):
         return -eval_expr(expr.operand, env)
     if isinstance(expr, ir.Not):

@@ -20,6 +20,7 @@ from . import ir
 from .errors import PatternSemanticError, PatternUsageError, Span
 
 DEFAULT_BLOCK = 64
+MAX_HEADS = 4096  # per head group: far beyond any model, and small enough to expand into per-head tables
 RESERVED = frozenset(ir.BUILTIN_VARS) | frozenset(ir.FUNCTIONS) | {"true", "false"}
 
 # name -> (positional parameter names, keyword parameters with defaults)
@@ -155,7 +156,7 @@ class _Checker:
         count = ir.Const(1)
         if stmt.count is not None:
             count = self.int_expr(stmt.count, scope, f"the head count of `{stmt.name}`")
-            self.value_checks.append((count, "positive", stmt.count.span, f"head count of `{stmt.name}`"))
+            self.value_checks.append((count, "head_count", stmt.count.span, f"head count of `{stmt.name}`"))
         head_scope = _Scope(scope.params, scope.lets, head_index=True)
         body = self.head_body(stmt.body, head_scope, stmt.name)
         return ir.HeadGroup(stmt.name, count, body)
@@ -416,6 +417,7 @@ _RULES = {
     "nonnegative": (lambda v: v >= 0, "must not be negative"),
     "even": (lambda v: v >= 2 and v % 2 == 0, "must be an even number >= 2"),
     "power2": (lambda v: v >= 16 and v & (v - 1) == 0, "must be a power of two >= 16"),
+    "head_count": (lambda v: 1 <= v <= MAX_HEADS, f"must be between 1 and {MAX_HEADS}"),
     "c_le_l": (lambda v: False, ""),
 }
 

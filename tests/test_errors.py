@@ -121,7 +121,10 @@ SEMANTIC = [
     ("block-not-power-of-two", in_head("local(1)", before="block 48"), 2, 5,
      ["block size must be a power of two >= 16, got 48"]),
     ("block-too-small", in_head("local(1)", before="block 8"), 2, 5, ["power of two >= 16, got 8"]),
-    ("head-count-zero", "pattern p() {\n    head a[0] = local(1)\n}\n", 2, 12, ["head count of `a` must be positive"]),
+    ("head-count-zero", "pattern p() {\n    head a[0] = local(1)\n}\n", 2, 12,
+     ["head count of `a` must be between 1 and 4096, got 0"]),
+    ("head-count-huge", "pattern p() {\n    head a[10**9] = local(1)\n}\n".replace("10**9", str(10**9)), 2, 12,
+     ["head count of `a` must be between 1 and 4096, got 1000000000"]),
     ("odd-buckets", in_head("hashed(buckets = 3)"), 2, 14, ["buckets of hashed must be an even number", "got 3"]),
     ("favor-without-features", in_head("kernel(favor)"), 2, 14, ["needs `features = m`"]),
     ("features-without-favor", in_head("kernel(elu1, features = 4)"), 2, 14,
@@ -236,6 +239,15 @@ def test_negative_isqrt_in_a_default():
     p = patterncc.parse(in_head("local(l)", params="l = isqrt(10 - n)"))
     with pytest.raises(PatternUsageError, match=r"parameter `l` of pattern `p`: isqrt of a negative number \(-10\)"):
         p.bind(20)
+
+
+def test_integer_too_large_for_64_bits():
+    p = patterncc.parse(in_head("where i < 99999999999999999999"))
+    with pytest.raises(PatternUsageError, match=r"the integer 99999999999999999999 does not fit in a 64-bit integer"):
+        p.mask(8)
+    p = patterncc.parse(in_head("local(w)", params="w = 2**70".replace("2**70", str(2**70))))
+    with pytest.raises(PatternUsageError, match=rf"`w` = {2**70} does not fit"):
+        p.mask(8)
 
 
 def test_missing_file_is_a_usage_error(tmp_path: Path):
