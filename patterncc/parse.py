@@ -278,9 +278,20 @@ def read_source(text_or_path: str | Path) -> tuple[str, str]:
     if isinstance(text_or_path, Path):
         return _read(text_or_path)
     text = str(text_or_path)
-    if "{" not in text and (text.endswith(".attn") or Path(text).is_file()):
+    if _names_a_file(text):
         return _read(Path(text))
     return text, "<pattern>"
+
+
+def _names_a_file(text: str) -> bool:
+    if "{" in text or "\n" in text:
+        return False
+    if text.endswith(".attn"):
+        return True
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):  # too long for a file name, or a NUL byte: pattern text, not a path
+        return False
 
 
 def _read(path: Path) -> tuple[str, str]:
