@@ -100,10 +100,10 @@ def _middle_cell(n: int, width: int) -> int:
 
 def _check_output(path: str | Path) -> Path:
     path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise PatternUsageError(f"the output must be a .png file, got {str(path)!r}", hint="e.g. -o out.png")
     if path.is_dir():
         raise PatternUsageError(f"the output {str(path)!r} is a folder; give a file name ending in .png")
+    if path.suffix.lower() != ".png":
+        raise PatternUsageError(f"the output must be a .png file, got {str(path)!r}", hint="e.g. -o out.png")
     parent = path.parent
     if not parent.is_dir():
         raise PatternUsageError(f"cannot write {str(path)!r}: the folder {str(parent)!r} does not exist")
