@@ -1,0 +1,248 @@
+"""The analysis driver: every fact `patterncc check` reports about a pattern at one n.
+
+Passes, in order:
+  1. bind parameters for n and list the distinct heads (a group whose expression uses `h` gives one entry per
+     head; otherwise one entry stands for all its identical heads);
+  2. per head, exact connectivity from the tile layout (`stats`), its row statistics, block layout at the
+     pattern's block size, closed-form cost (`cost`) and the best token permutation (`permute`);
+  3. the same for the union of every head whose pairs are known (set and kernel heads; hashed heads depend on
+     the data and are left out);
+  4. path-length-p coverage (`coverage`) of the merged union and of the declared head order;
+  5. which entry each attention head of the requested layer runs (`combine`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import ir
+from ..errors import warn
+from . import cost as cost_mod
+from .coverage import CoverageResult, StepPairs, coverage, step_pairs
+from .layout import BlockLayout, head_layout
+from .permute import PermutationChoice, search_permutation
+from .stats import (Connectivity, RowStats, allowed_pairs, empty_connectivity, head_connectivity, row_stats, union,
+                    uses_head_index)
+
+DATA_DEPENDENT = ("hashed heads depend on the data: their pairs are unknown before the inputs are, so coverage "
+                  "cannot be proven for them")
+
+
+@dataclass(frozen=True)
+class LayoutSummary:
+    """Tile classes of a head at the pattern's block size, as the kernels will see them (`layout.head_layout`:
+    FULL and EMPTY are proven, PARTIAL tiles are masked)."""
+
+    block: int
+    q_tiles: int
+    k_tiles: int
+    empty: int
+    partial: int
+    full: int
+    density: float  # non-empty tiles / all tiles
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class HeadAnalysis:
+    name: str  # `group`, or `group[h]` when the group's heads differ
+    group: str | None  # None for the union
+    h: int | None  # None when the entry stands for identical heads (or is the union)
+    count: int  # attention heads (declared) this entry stands for
+    family: str  # "set", "kernel", "hashed", or "union"
+    rows: RowStats | None  # None for hashed heads
+    layout: LayoutSummary | None  # None for hashed heads
+    cost: cost_mod.Cost
+    permutation: PermutationChoice | None  # None unless every pair is from a set head
+
+    def to_json(self, env: dict[str, int], n: int) -> dict:
+        stats = self.rows
+        return {
+            "name": self.name, "group": self.group, "h": self.h, "count": self.count, "family": self.family,
+            "rows": None if stats is None else {"min": stats.min, "mean": stats.mean, "max": stats.max},
+            "nonzeros": None if stats is None else stats.nonzeros,
+            "density": None if stats is None else stats.density,
+            "empty_rows": None if stats is None else stats.empty_rows,
+            "first_empty_row": None if stats is None else stats.first_empty_row,
+            "layout": None if self.layout is None else self.layout.to_json(),
+            "cost": self.cost.to_json(env, n),
+            "permutation": None if self.permutation is None else self.permutation.to_json(),
+        }
+
+
+@dataclass(frozen=True)
+class Analysis:
+    pattern: ir.Pattern
+    bound: ir.Bound
+    layer: int
+    max_steps: int
+    heads: tuple[HeadAnalysis, ...]
+    union: HeadAnalysis | None  # None when no head has known pairs (only hashed heads)
+    coverage: dict[str, CoverageResult]  # "merged" and "declared_order"
+    layer_heads: tuple[str, ...]  # per attention head of `layer`: the name of the entry it runs
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def n(self) -> int:
+        return self.bound.n
+
+    def head(self, name: str) -> HeadAnalysis:
+        for entry in (*self.heads, *([self.union] if self.union else [])):
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    def to_json(self) -> dict:
+        """Every fact as plain JSON types; the schema is documented in docs/check-json.md."""
+        pattern, bound = self.pattern, self.bound
+        env = dict(bound.env)
+        params = {p.name: env[p.name] for p in pattern.params if p.name in env}
+        return {
+            "pattern": pattern.name, "file": pattern.filename, "n": bound.n, "layer": self.layer,
+            "causal": pattern.causal, "block": bound.block, "combine": pattern.combine,
+            "params": params, "lets": {name: env[name] for name, _ in pattern.lets if name in env},
+            "allowed_pairs": allowed_pairs(bound.n, pattern.causal),
+            "heads": [entry.to_json(env, bound.n) for entry in self.heads],
+            "union": None if self.union is None else self.union.to_json(env, bound.n),
+            "layer_heads": list(self.layer_heads),
+            "coverage": {key: result.to_json() for key, result in self.coverage.items()},
+            "warnings": list(self.warnings), "notes": list(self.notes),
+        }
+
+
+@contextlib.contextmanager
+def single_threaded_torch():
+    """The tile analysis runs many small torch ops; with several intra-op threads they wait on each other (and
+    on any other busy process) far longer than they compute, so the analysis runs them on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def analyze(pattern: ir.Pattern, n: int, layer: int = 0, max_steps: int = 8) -> Analysis:
+    """Exact statistics, closed-form cost, coverage and permutations of `pattern` at sequence length n."""
+    with single_threaded_torch():
+        return _analyze(pattern, n, layer, max_steps)
+
+
+def _analyze(pattern: ir.Pattern, n: int, layer: int, max_steps: int) -> Analysis:
+    # 1. bind and list distinct heads
+    bound = pattern.bind(n)
+    entries = []  # (name, group, h or None, count)
+    for group, count in zip(pattern.heads, bound.counts):
+        if uses_head_index(group):
+            entries.extend((f"{group.name}[{h}]", group, h, 1) for h in range(count))
+        else:
+            entries.append((group.name, group, None, count))
+    # 2. each head
+    connectivity: dict[str, Connectivity] = {}
+    heads, warnings = [], []
+    for name, group, h, count in entries:
+        pairs = ((group, h or 0),)
+        head_cost = cost_mod.head_cost(pattern, group, h or 0, bound.block)
+        if group.family == "hashed":
+            heads.append(HeadAnalysis(name, group.name, h, count, "hashed", None, None, head_cost, None))
+            continue
+        layout = head_layout(bound, pairs)
+        conn = connectivity[name] = head_connectivity(bound, group, h or 0, layout)
+        stats = row_stats(conn, pattern.causal)
+        if group.family == "set" and stats.empty_rows:
+            message = (f"pattern `{pattern.name}`, head `{name}`: query i = {stats.first_empty_row} attends to no "
+                       f"key ({stats.empty_rows} of {n} rows are empty at n = {n}); softmax over an empty row is "
+                       f"undefined")
+            warnings.append(message)
+            warn(message)
+        permutation = search_permutation(bound, pairs, natural_layout=layout) if group.family == "set" else None
+        heads.append(HeadAnalysis(name, group.name, h, count, group.family, stats, _summary(layout), head_cost,
+                                  permutation))
+    # 3. the union of every head with known pairs
+    known = [(entry, head) for entry, head in zip(entries, heads) if head.family != "hashed"]
+    notes = []
+    if len(known) < len(heads):
+        notes.append(DATA_DEPENDENT + "; the union leaves them out")
+    union_entry = None
+    if known:
+        pairs = tuple((group, h or 0) for (_, group, h, _), _ in known)
+        conn = union([connectivity[head.name] for _, head in known])
+        layout = head_layout(bound, pairs)
+        all_sets = all(head.family == "set" for _, head in known)
+        union_entry = HeadAnalysis(
+            "union", None, None, sum(head.count for _, head in known), "union", row_stats(conn, pattern.causal),
+            _summary(layout), cost_mod.union_cost([head.cost for _, head in known], pattern),
+            search_permutation(bound, pairs, natural_layout=layout) if all_sets else None)
+    # 4. coverage
+    results = _coverage(pattern, bound, entries, connectivity, max_steps)
+    # 5. what each attention head of the layer runs
+    layer_heads = tuple(_entry_name(pairs, pattern.combine) for pairs in bound.head_sets(layer))
+    return Analysis(pattern, bound, layer, max_steps, tuple(heads), union_entry, results, layer_heads,
+                    tuple(warnings), tuple(notes))
+
+
+def _summary(layout: BlockLayout) -> LayoutSummary:
+    counts = layout.counts()
+    return LayoutSummary(layout.tile_m, layout.num_q_tiles, layout.num_k_tiles, counts["empty"], counts["partial"],
+                         counts["full"], layout.density())
+
+
+def _coverage(pattern: ir.Pattern, bound: ir.Bound, entries, connectivity: dict[str, Connectivity],
+              max_steps: int) -> dict[str, CoverageResult]:
+    cache: dict[str, StepPairs] = {}
+
+    def pairs_of(name: str, group: ir.HeadGroup, h: int | None) -> StepPairs:
+        if name not in cache:
+            cache[name] = step_pairs(bound, group, h or 0, connectivity[name])
+        return cache[name]
+
+    known = [(name, group, h) for name, group, h, _ in entries if group.family != "hashed"]
+    if not known:
+        unknown = CoverageResult("unknown", None, max_steps, (), None, (), DATA_DEPENDENT)
+        return {"merged": unknown, "declared_order": unknown}
+    merged_pairs = pairs_of(*known[0])
+    for entry in known[1:]:
+        merged_pairs = merged_pairs | pairs_of(*entry)
+    hashed = len(known) < len(entries)
+    merged = coverage([merged_pairs], [name for name, _, _ in known], pattern.causal, max_steps)
+    if hashed:
+        merged = _with_note(merged, DATA_DEPENDENT + "; they are left out of the union")
+    # Declared order: step t runs group t mod G; a hashed group proves nothing, so its step keeps only the residual.
+    steps, names = [], []
+    for group in pattern.heads:
+        members = [(name, g, h) for name, g, h in known if g is group]
+        if not members:
+            steps.append(StepPairs(empty_connectivity(bound.n)))
+            names.append(f"{group.name} (data-dependent: residual only)")
+            continue
+        group_pairs = pairs_of(*members[0])
+        for member in members[1:]:
+            group_pairs = group_pairs | pairs_of(*member)
+        steps.append(group_pairs)
+        names.append(group.name)
+    if len(pattern.heads) == 1:
+        declared = CoverageResult(merged.status, merged.steps, max_steps, merged.fractions, merged.witness,
+                                  tuple(names), merged.note)
+    else:
+        declared = coverage(steps, names, pattern.causal, max_steps)
+        if hashed:
+            declared = _with_note(declared, DATA_DEPENDENT + "; their steps count as the residual alone")
+    return {"merged": merged, "declared_order": declared}
+
+
+def _with_note(result: CoverageResult, note: str) -> CoverageResult:
+    return CoverageResult(result.status, result.steps, result.max_steps, result.fractions, result.witness,
+                          result.sequence, note)
+
+
+def _entry_name(pairs, combine: str) -> str:
+    if combine == "merged":
+        return "union"
+    (group, h), = pairs
+    return f"{group.name}[{h}]" if uses_head_index(group) else group.name
