@@ -140,13 +140,30 @@ def test_version(capsys):
     assert capsys.readouterr().out.startswith("patterncc 0.")
 
 
+def test_check_succeeds(capsys, examples_dir: Path):
+    code, out, err = run(capsys, "check", examples_dir / "strided.attn", "--n", "256", "-D", "l=16")
+    assert code == 0, err
+    assert out.startswith("strided") and "Traceback" not in err
+
+
 def test_check_reports_user_errors(capsys, write):
-    pytest.importorskip("patterncc.analysis.report", reason="`check` is not written yet")
     path = write(BAD_SYNTAX)
     err = user_error(capsys, "check", path, "--n", "64")
     assert err.startswith(f"{path}:3:1: syntax error")
     err = user_error(capsys, "check", write(BAD_SEMANTICS, "s.attn"), "--n", "64")
     assert "c must be at most l" in err
+    err = user_error(capsys, "check", write(TWO_PATTERNS, "two.attn"), "--pattern", "z", "--n", "64")
+    assert "no pattern named `z`" in err
+
+
+def test_empty_rows_warn_with_an_example_query(capsys, write):
+    """A head whose rows are empty for some i is legal but almost surely a mistake: a warning, exit 0."""
+    path = write("pattern p() {\n    causal\n    head a = where j > i + 3 or i > 9\n    head b = local(1)\n}\n")
+    code, out, err = run(capsys, "check", path, "--n", "64")
+    assert code == 0, err
+    assert err.startswith("warning: pattern `p`, head `a`: query i = 0 attends to no key"), err
+    assert "10 of 64 rows are empty at n = 64" in err
+    assert "head `b`" not in err
 
 
 def test_console_script_exits_2_without_traceback(tmp_path: Path):

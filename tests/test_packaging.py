@@ -57,9 +57,9 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path: Path):
     work = tmp_path / "work"
     (work / "examples").mkdir(parents=True)
     shutil.copy(ROOT / "examples" / "strided.attn", work / "examples")
-    # `check` (the command) is not written yet; `show` exercises the same install. Switch when it lands:
-    #   patterncc check examples/strided.attn --n 1024
-    result = _run([venv / "bin" / "patterncc", "show", "examples/strided.attn", "--n", "1024", "-o", "strided.png"],
-                  work, env)
-    assert result.stdout.strip() == "wrote strided.png"
+    check = _run([venv / "bin" / "patterncc", "check", "examples/strided.attn", "--n", "1024"], work, env)
+    assert "strided" in check.stdout and "coverage" in check.stdout.lower(), check.stdout
+    shown = _run([venv / "bin" / "patterncc", "show", "examples/strided.attn", "--n", "1024", "-o", "strided.png"],
+                 work, env)
+    assert shown.stdout.strip() == "wrote strided.png"
     assert (work / "strided.png").read_bytes()[:4] == b"\x89PNG"
