@@ -14,6 +14,7 @@ Passes, in order:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -204,7 +205,8 @@ def _coverage(pattern: ir.Pattern, bound: ir.Bound, entries, connectivity: dict[
 
     known = [(name, group, h) for name, group, h, _ in entries if group.family != "hashed"]
     if not known:
-        unknown = CoverageResult("unknown", None, max_steps, (), None, (), DATA_DEPENDENT)
+        unknown = CoverageResult("unknown", None, max_steps, (), allowed_pairs(bound.n, pattern.causal), None, (),
+                                 DATA_DEPENDENT)
         return {"merged": unknown, "declared_order": unknown}
     merged_pairs = pairs_of(*known[0])
     for entry in known[1:]:
@@ -227,8 +229,7 @@ def _coverage(pattern: ir.Pattern, bound: ir.Bound, entries, connectivity: dict[
         steps.append(group_pairs)
         names.append(group.name)
     if len(pattern.heads) == 1:
-        declared = CoverageResult(merged.status, merged.steps, max_steps, merged.fractions, merged.witness,
-                                  tuple(names), merged.note)
+        declared = dataclasses.replace(merged, sequence=tuple(names))
     else:
         declared = coverage(steps, names, pattern.causal, max_steps)
         if hashed:
@@ -237,8 +238,7 @@ def _coverage(pattern: ir.Pattern, bound: ir.Bound, entries, connectivity: dict[
 
 
 def _with_note(result: CoverageResult, note: str) -> CoverageResult:
-    return CoverageResult(result.status, result.steps, result.max_steps, result.fractions, result.witness,
-                          result.sequence, note)
+    return dataclasses.replace(result, note=note)
 
 
 def _entry_name(pairs, combine: str) -> str:

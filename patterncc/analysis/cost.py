@@ -36,8 +36,13 @@ class Cost:
         return float(self.formula.subs(values).subs(N, n))
 
     def to_json(self, env: dict[str, int], n: int) -> dict:
-        return {"formula": str(self.formula), "order": str(self.order), "expected": self.expected,
+        return {"formula": str(self.formula), "order": format_order(self.order), "expected": self.expected,
                 "value": self.value(env, n), "notes": list(self.notes)}
+
+
+def format_order(order: sympy.Expr) -> str:
+    """`O(n)` rather than sympy's `O(n, (n, oo))`."""
+    return f"O({order.expr})" if isinstance(order, sympy.Order) else str(order)
 
 
 class _Symbolic:

@@ -29,7 +29,8 @@ from .stats import ALL_ONES, TILE, Connectivity, allowed_pairs, body_connectivit
 # src .. src + 2^L - 1), or the OR of a tile's rows from its first row (prefix) or up to its last (suffix).
 _REACH, _PREFIX, _SUFFIX = 0, 6, 7
 _TILES_PER_CHUNK = 32  # destination query tiles computed together
-_FEW_ROWS = 16
+_FEW_ROWS = 16  # destinations below which a lookup matrix is gathered in one call
+_SPARSE_BELOW = 0.25  # derive only the rows read when they OR fewer than this fraction of all rows
 _WORDS_PER_BUFFER = 1 << 22  # reach buffer size cap (32 MB); wider problems are cut into column slabs
 
 
@@ -40,15 +41,21 @@ class CoverageResult:
     status: str  # "covered", "not_within_max_steps", "never" (a fixed point short of all pairs), "unknown"
     steps: int | None  # smallest p that covers every allowed pair, when status == "covered"
     max_steps: int
-    fractions: tuple[float, ...]  # covered / allowed pairs after step 1, 2, ...
-    witness: tuple[int, int] | None  # an allowed pair (i, j) not connected after the last step computed
+    covered: tuple[int, ...]  # allowed pairs connected after step 1, 2, ... (until covered or stopped)
+    allowed: int  # allowed pairs: n (n + 1) / 2 when causal, else n^2
+    witness: tuple[int, int] | None  # the first allowed pair (i, j) not connected after the last step computed
     sequence: tuple[str, ...]  # what each step of one cycle attends over
     note: str | None = None
 
+    @property
+    def fractions(self) -> tuple[float, ...]:
+        return tuple(c / self.allowed for c in self.covered)
+
     def to_json(self) -> dict:
         return {"status": self.status, "steps": self.steps, "max_steps": self.max_steps,
-                "fractions": list(self.fractions), "witness": list(self.witness) if self.witness else None,
-                "sequence": list(self.sequence), "note": self.note}
+                "fractions": list(self.fractions), "covered_pairs": list(self.covered),
+                "witness": list(self.witness) if self.witness else None, "sequence": list(self.sequence),
+                "note": self.note}
 
 
 @dataclass(frozen=True)
@@ -156,7 +163,7 @@ class _Step:
                 continue
             rows = np.unique(rows_read[dst_src == kind])
             first, last = _ranges(kind, rows)
-            if 4 * int((last - first + 1).sum()) < self.nrows:
+            if int((last - first + 1).sum()) < _SPARSE_BELOW * self.nrows:
                 self.sparse[kind], self.remap[kind] = (first, last), rows
             else:
                 groups = np.zeros(-(-self.nt // _TILES_PER_CHUNK), dtype=bool)
@@ -364,7 +371,6 @@ class _Slab:
             if kind not in self.dense_buffers:
                 self.dense_buffers[kind] = np.zeros(self.shape, dtype=np.uint64)
             self.derived[kind] = self.dense_buffers[kind]
-        levels = [kind for kind in dense if kind < _PREFIX]
         for group, t0 in enumerate(range(0, self.nt, _TILES_PER_CHUNK)):
             kinds = [kind for kind in dense if step.dense[kind][group]]
             if not kinds:
@@ -383,11 +389,11 @@ class _Slab:
                 suffix = np.bitwise_or.accumulate(tiled[:, ::-1], axis=1)[:, ::-1]
                 self.derived[_SUFFIX][rows, lo:hi] = suffix.reshape(block.shape)
             previous = block
-            for level in range(1, max(levels, default=0) + 1):
+            for level in range(1, max((k for k in kinds if k < _PREFIX), default=0) + 1):
                 half = 1 << (level - 1)
                 current = previous.copy()
                 current[:-half] |= previous[half:]  # rows near a tile's end mix tiles: no lookup reads them
-                if level in self.dense_buffers:
+                if level in kinds:
                     self.derived[level][rows, lo:hi] = current
                 previous = current
 
@@ -451,11 +457,11 @@ def coverage(steps: list[StepPairs], names: list[str], causal: bool, max_steps: 
         slab_counts.append(counts)
     total = allowed_pairs(n, causal)
     length = max(len(c) for c in slab_counts)
-    fractions = tuple(sum(c[min(s, len(c) - 1)] for c in slab_counts) / total for s in range(length))
+    covered = tuple(sum(c[min(s, len(c) - 1)] for c in slab_counts) for s in range(length))
     if not witnesses:
-        return CoverageResult("covered", max(finished), max_steps, fractions, None, tuple(names))
+        return CoverageResult("covered", max(finished), max_steps, covered, total, None, tuple(names))
     status = "never" if stalled else "not_within_max_steps"
-    return CoverageResult(status, None, max_steps, fractions, min(witnesses), tuple(names))
+    return CoverageResult(status, None, max_steps, covered, total, min(witnesses), tuple(names))
 
 
 def _cycle_stalled(counts: list[int], cycle: int) -> bool:
