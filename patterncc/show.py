@@ -230,7 +230,7 @@ def _density(bound: ir.Bound, count: int) -> str:
 def _tile_density(layout: BlockLayout) -> str:
     counts = layout.counts()
     tiles = layout.classes.numel()
-    return (f"tiles: {100 * (tiles - counts['empty']) / tiles:.3g}% non-empty, "
+    return (f"block layout: {100 * (tiles - counts['empty']) / tiles:.3g}% of tiles non-empty, "
             f"{100 * counts['full'] / tiles:.3g}% full")
 
 
