@@ -161,6 +161,7 @@ def test_empty_rows_warn_with_an_example_query(capsys, write):
     path = write("pattern p() {\n    causal\n    head a = where j > i + 3 or i > 9\n    head b = local(1)\n}\n")
     code, out, err = run(capsys, "check", path, "--n", "64")
     assert code == 0, err
+    assert out.startswith("p ("), out
     assert err.startswith("warning: pattern `p`, head `a`: query i = 0 attends to no key"), err
     assert "10 of 64 rows are empty at n = 64" in err
     assert "head `b`" not in err
@@ -172,7 +173,7 @@ def test_console_script_exits_2_without_traceback(tmp_path: Path):
     bad = tmp_path / "bad.attn"
     bad.write_text(BAD_SYNTAX)
     result = subprocess.run([str(script), "show", str(bad), "--n", "64", "-o", str(tmp_path / "x.png")],
-                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"{bad}:3:1: syntax error"), result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
