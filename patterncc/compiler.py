@@ -143,8 +143,8 @@ def parse_target(target: str) -> int:
     return int(match.group(1))
 
 
-def aot_compile(module, capability: int, dtypes=("fp16", "bf16", "fp32"), head_dims=(16, 32, 64, 128),
-                num_warps: int = 4, num_stages: int = 2) -> list[KernelReport]:
+def aot_compile(module, capability: int, dtypes=("fp16", "bf16", "fp32"),
+                head_dims=(16, 32, 64, 128)) -> list[KernelReport]:
     """Compile every kernel of a generated module to PTX and cubin for `capability`, and read ptxas's report."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -154,14 +154,13 @@ def aot_compile(module, capability: int, dtypes=("fp16", "bf16", "fp32"), head_d
     reports = []
     for dtype in dtypes:
         for head_dim in head_dims:
-            for name, kernel, signature, constexprs in module.aot_specs(dtype, head_dim):
+            for name, kernel, signature, constexprs, options in module.aot_specs(dtype, head_dim):
                 source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-                compiled = triton.compile(source, target=target,
-                                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                compiled = triton.compile(source, target=target, options=options)
                 stats = ptxas_stats(compiled.asm["ptx"], capability)
                 reports.append(KernelReport(name, dtype, head_dim, f"sm_{capability}", stats["registers"],
                                             stats["spill_stores"], stats["spill_loads"], compiled.metadata.shared,
-                                            num_warps))
+                                            options["num_warps"]))
     return reports
 
 

@@ -138,9 +138,11 @@ def plan(pattern: ir.Pattern, layer: int = 0, n: int | None = None, params: dict
         if pattern.causal:
             predicate = ir.and_(predicate, ir.cmp("<=", ir.J, ir.I))
         predicate = fold(predicate)
-        key = (predicate, tuple(tables))
+        key = (predicate, tuple(tables))  # random tables numbered from 0 within the mask, for deduplication
         if key not in keys:
             period, formula = _choose_period(bound, pairs, predicate, constants, python)
+            # In the kernel, tables of all masks live in one tensor: renumber this mask's from the running total.
+            predicate = _renumber_tables(predicate, sum(len(m.random_tables) for m in masks))
             keys[key] = len(masks)
             masks.append(MaskPlan(len(masks), tuple(labels), predicate, period, formula, tuple(tables)))
         head_masks.append(keys[key])
@@ -151,6 +153,18 @@ def plan(pattern: ir.Pattern, layer: int = 0, n: int | None = None, params: dict
         prefix=pattern.name.lower(), num_heads=len(head_sets), head_masks=tuple(head_masks),
         masks=tuple(masks), runtime_params=tuple(runtime), runtime_ranges=tuple(ranges.items()),
         block=bound.block, causal=pattern.causal, int64=int64)
+
+
+def _renumber_tables(expr: ir.Expr, offset: int) -> ir.Expr:
+    if isinstance(expr, RandomRef):
+        return RandomRef(expr.table + offset, expr.block)
+    if isinstance(expr, (ir.Const, ir.Var)):
+        return expr
+    if isinstance(expr, ir.BinOp):
+        return ir.BinOp(expr.op, _renumber_tables(expr.left, offset), _renumber_tables(expr.right, offset))
+    if isinstance(expr, (ir.Not, ir.Neg)):
+        return type(expr)(_renumber_tables(expr.operand, offset))
+    return ir.Call(expr.func, tuple(_renumber_tables(a, offset) for a in expr.args))
 
 
 def _lower_set(s: ir.SetExpr, env: dict, block_expr: ir.Expr, python: PythonEmitter, first_table: int,

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
-import torch
-from hypothesis import settings
+# Triton decides interpreter vs compiler when each @triton.jit function (its standard library's included) is
+# decorated, i.e. when triton is first imported, before torch can import it: so set the mode here, first.
+# The CPU suite runs every generated kernel in the interpreter; GPU runs pass TRITON_INTERPRET=0 (tests/gpu).
+# Ahead-of-time compilation for sm_80/sm_90 runs in subprocesses without the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES_DIR = ROOT / "examples"

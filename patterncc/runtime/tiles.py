@@ -78,8 +78,17 @@ def natural_tiles(n: int, tile: int) -> SI:
 # Integer ops ----------------------------------------------------------------------------------------------------
 
 
+def _gcd(a, b) -> torch.Tensor:
+    """Elementwise gcd of non-negative strides; natural-order tiles have strides 0 or 1 only, where the gcd is
+    the maximum, so the slow integer gcd runs only after a permutation."""
+    a, b = _t(a), _t(b)
+    if bool((a <= 1).all()) and bool((b <= 1).all()):
+        return torch.maximum(a, b)
+    return torch.gcd(a, b)
+
+
 def add(a: SI, b: SI) -> SI:
-    return _clamp(SI(a.lo + b.lo, a.hi + b.hi, torch.gcd(_t(a.st), _t(b.st))))
+    return _clamp(SI(a.lo + b.lo, a.hi + b.hi, _gcd(a.st, b.st)))
 
 
 def neg(a: SI) -> SI:
@@ -203,6 +212,8 @@ def truth(value: bool):
 def _contains_zero(d: SI) -> torch.Tensor:
     lo, hi, st = _t(d.lo), _t(d.hi), _t(d.st)
     in_range = (lo <= 0) & (hi >= 0)
+    if bool((st <= 1).all()):  # unit or zero stride: every integer in range (or lo itself) is a value
+        return in_range & ((st == 1) | (lo == 0))
     on_grid = torch.where(st == 0, lo == 0, torch.remainder(-lo, torch.where(st == 0, 1, st)) == 0)
     return in_range & on_grid
 
@@ -284,14 +295,17 @@ def index_lists(classes: torch.Tensor):
 
 def tile_lists(selected: torch.Tensor):
     """Per row, the ascending column indices where `selected` is True: (counts[rows] int32, indices[rows, width]
-    int32). Kernels loop to counts[row]; entries past it repeat a valid index and are never read."""
-    counts = selected.sum(dim=1).to(torch.int32)
+    int32). Kernels loop to counts[row]; entries past it repeat a valid index and are never read.
+    O(non-zeros): built from `nonzero()`, which lists entries row by row with ascending columns."""
+    rows = selected.shape[0]
+    counts = selected.sum(dim=1)
     width = max(int(counts.max()) if counts.numel() else 0, 1)
-    cols = torch.arange(selected.shape[1], dtype=torch.int64).expand_as(selected)
-    keyed = torch.where(selected, cols, selected.shape[1] + cols)
-    order = torch.sort(keyed, dim=1).values[:, :width]
-    order = torch.where(order >= selected.shape[1], 0, order)
-    return counts, order.to(torch.int32).contiguous()
+    row, col = selected.nonzero(as_tuple=True)
+    starts = torch.cumsum(counts, 0) - counts  # index in `row` where each row's entries begin
+    rank = torch.arange(row.shape[0]) - starts[row]
+    indices = torch.zeros(rows, width, dtype=torch.int32)
+    indices[row, rank] = col.to(torch.int32)
+    return counts.to(torch.int32), indices
 
 
 def classify_tiles(predicate, q_tiles: SI, k_tiles: SI, n: int, tile_m: int, tile_n: int,
