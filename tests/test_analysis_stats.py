@@ -163,7 +163,10 @@ def test_kernel_and_hashed_heads():
 
 
 def test_heads_using_h_are_listed_one_by_one():
-    result = analyze(patterncc.parse(HAND_WRITTEN["per-head-index"]), 64)
+    with pytest.warns(PatternWarning) as records:  # s[h] sees the h-th summary cells of each chunk of 8
+        result = analyze(patterncc.parse(HAND_WRITTEN["per-head-index"]), 64)
+    assert [str(r.message).split(":")[0] for r in records] == [f"pattern `idx`, head `s[{h}]`" for h in range(3)]
+    assert "(6 of 64 rows are empty" in str(records[0].message)
     assert [(e.name, e.h, e.count) for e in result.heads] == [("s[0]", 0, 1), ("s[1]", 1, 1), ("s[2]", 2, 1),
                                                              ("r[0]", 0, 1), ("r[1]", 1, 1)]
     identical = analyze(patterncc.parse(EXAMPLES_DIR / "local.attn", w=4), 64)

@@ -125,7 +125,7 @@ def test_text_report(capsys):
 
 
 def test_empty_rows_warn_on_stderr(capsys):
-    code, out, err = run(capsys, "check", EXAMPLES_DIR / "fixed.attn", "--n", 64, "-D", "l=16", "-D", "c=4")
+    code, _, err = run(capsys, "check", EXAMPLES_DIR / "fixed.attn", "--n", 64, "-D", "l=16", "-D", "c=4")
     assert code == 0
     assert err.startswith("warning: pattern `fixed`, head `summary`: query i = 0 attends to no key (12 of 64 rows")
 
@@ -136,12 +136,12 @@ def test_empty_rows_warn_on_stderr(capsys):
     (["--pattern", "nope"], "no pattern named `nope`"),
 ], ids=["unknown-parameter", "bad-value", "unknown-pattern"])
 def test_user_errors_exit_2(capsys, argv, message):
-    code, out, err = run(capsys, "check", EXAMPLES_DIR / "strided.attn", "--n", 64, *argv)
+    code, _, err = run(capsys, "check", EXAMPLES_DIR / "strided.attn", "--n", 64, *argv)
     assert code == 2 and "Traceback" not in err and message in err, err
 
 
 def test_define_that_no_pattern_declares(capsys, tmp_path: Path):
     path = tmp_path / "two.attn"
     path.write_text(TWO_PATTERNS)
-    code, out, err = run(capsys, "check", path, "--n", 50, "-D", "q=5")
+    code, _, err = run(capsys, "check", path, "--n", 50, "-D", "q=5")
     assert code == 2 and "no pattern in this file has a parameter `q`" in err, err

@@ -22,11 +22,21 @@ import torch
 from .. import ir
 from ..errors import warn
 from . import cost as cost_mod
-from .coverage import CoverageResult, StepPairs, coverage, step_pairs
+from .coverage import CoverageResult, coverage
 from .layout import BlockLayout, head_layout
 from .permute import PermutationChoice, search_permutation
-from .stats import (Connectivity, RowStats, allowed_pairs, empty_connectivity, head_connectivity, row_stats, union,
-                    uses_head_index)
+from .stats import (
+    Connectivity,
+    RowStats,
+    StepPairs,
+    allowed_pairs,
+    empty_connectivity,
+    head_connectivity,
+    row_stats,
+    step_pairs,
+    union,
+    uses_head_index,
+)
 
 DATA_DEPENDENT = ("hashed heads depend on the data: their pairs are unknown before the inputs are, so coverage "
                   "cannot be proven for them")

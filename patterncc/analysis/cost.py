@@ -86,9 +86,9 @@ def head_cost(pattern: ir.Pattern, group: ir.HeadGroup, h: int, block: int) -> C
     if isinstance(body, ir.Hashed):
         # Reformer: each query attends within its own and the previous chunk of the sorted order, per round.
         formula = sym.expr(body.rounds) * 2 * sym.expr(body.chunk)
-        return Cost(formula, order_in_n(pattern, formula), expected=True,
-                    notes=("expected keys per row: rounds x 2 chunks (own and previous chunk of the bucket-sorted "
-                           "order); the pairs depend on the data",))
+        note = ("expected keys per row: rounds x 2 chunks (own and previous chunk of the bucket-sorted order); "
+                "the pairs depend on the data")
+        return Cost(formula, order_in_n(pattern, formula), expected=True, notes=(note,))
     if isinstance(body, ir.Kernel):
         return Cost(sympy.Integer(1), sympy.O(1, (N, sympy.oo)),
                     notes=("linear attention: O(d^2) work per query row (d the head dimension), whatever n",))

@@ -79,10 +79,9 @@ def print_analysis(console: Console, analysis: Analysis) -> None:
 def _heads_table(analysis: Analysis) -> Table:
     allowed = "n(n+1)/2" if analysis.pattern.causal else "n^2"
     table = Table(title=f"Heads (keys per query row; density of the {allowed} allowed pairs)", title_justify="left")
-    for column, justify in (("head", "left"), ("family", "left"), ("heads", "right"), ("keys/row min/mean/max", "right"),
-                            ("nonzeros", "right"), ("density", "right"), ("tiles E/P/F", "right"),
-                            ("block density", "right"), ("cost/row", "left"), ("order", "left")):
-        table.add_column(column, justify=justify)
+    right = ("heads", "keys/row min/mean/max", "nonzeros", "density", "tiles E/P/F", "block density")
+    for column in ("head", "family", *right, "cost/row", "order"):
+        table.add_column(column, justify="right" if column in right else "left")
     entries = list(analysis.heads) + ([analysis.union] if analysis.union else [])
     for entry in entries:
         table.add_row(*_head_row(entry, analysis), end_section=entry is analysis.heads[-1])

@@ -95,9 +95,12 @@ def _from_partial_words(n: int, full: np.ndarray, keys: np.ndarray, words: np.nd
     if len(keys):
         order = np.argsort(keys, kind="stable")
         keys, words = keys[order], words[order]
-        starts = np.concatenate([[0], np.nonzero(np.diff(keys))[0] + 1])
-        keys = keys[starts]
-        words = np.bitwise_or.reduceat(words, starts, axis=0)
+        new_key = np.concatenate([[True], keys[1:] != keys[:-1]])
+        if not new_key.all():  # a tile partial in several parts (usually few): OR its copies into the first
+            first, repeated = np.nonzero(new_key)[0], np.nonzero(~new_key)[0]
+            merged = words[first]
+            np.bitwise_or.at(merged, np.cumsum(new_key)[repeated] - 1, words[repeated])
+            keys, words = keys[first], merged
     else:
         words = words.reshape(0, TILE)
     nonzero = words.any(axis=1)
@@ -272,6 +275,100 @@ def _as_distance(expr: ir.Expr) -> ir.Expr:
     if isinstance(expr, ir.Call):
         return ir.Call(expr.func, tuple(_as_distance(a) for a in expr.args))
     return expr
+
+
+# A head as explicit pairs plus residue windows (for coverage) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepPairs:
+    """What one attention step attends over: explicit pairs, plus residue windows. A residue window (l, m) is the
+    pairs with (i - j) % l == 0 and |i - j| <= m l (m None: unbounded), and j <= i when causal: `stride(l)` is
+    (l, None), `dilated(w, d)` is (d, w). `whole`, when at hand, is all of it as one Connectivity: the first step
+    then writes reach directly instead of computing it."""
+
+    explicit: Connectivity
+    residues: frozenset[tuple[int, int | None]] = frozenset()
+    whole: Connectivity | None = None
+
+    def __or__(self, other: StepPairs) -> StepPairs:
+        whole = None
+        if self.whole is not None and other.whole is not None:
+            whole = union([self.whole, other.whole])
+        return StepPairs(union([self.explicit, other.explicit]), self.residues | other.residues, whole)
+
+
+def step_pairs(bound: ir.Bound, group: ir.HeadGroup, h: int, whole: Connectivity | None = None) -> StepPairs:
+    """A head's pairs for coverage, with its top-level residue-window members (`stride`, `dilated`, and `where`
+    of the same shapes) apart. `whole`: the head's full Connectivity, if the caller has it."""
+    if group.family != "set":
+        support = whole or body_connectivity(bound, ir.Dense(), h)
+        return StepPairs(support, whole=support)
+    members = list(_union_members(group.body))
+    env = {**bound.env, "n": bound.n, "h": h}
+    windows = [_residue_window(m, env) for m in members]
+    residues = frozenset(w for w in windows if w is not None)
+    rest = [m for m, w in zip(members, windows) if w is None]
+    if not residues:
+        explicit = whole or body_connectivity(bound, group.body, h)
+        return StepPairs(explicit, whole=explicit)
+    if not rest:
+        return StepPairs(empty_connectivity(bound.n), residues, whole)
+    body = rest[0]
+    for member in rest[1:]:
+        body = ir.Union(body, member)
+    return StepPairs(body_connectivity(bound, body, h), residues, whole)
+
+
+def _union_members(node: ir.SetExpr):
+    if isinstance(node, ir.Union):
+        yield from _union_members(node.left)
+        yield from _union_members(node.right)
+    else:
+        yield node
+
+
+def _residue_window(node: ir.SetExpr, env: dict) -> tuple[int, int | None] | None:
+    """(l, m) when the set is {(i, j): (i - j) % l == 0 and |i - j| <= m l} (m None: no distance bound)."""
+    if isinstance(node, ir.Stride):
+        period, reach = ir.evaluate_int(node.l, env), None
+    elif isinstance(node, ir.Dilated):
+        period, reach = ir.evaluate_int(node.d, env), ir.evaluate_int(node.w, env)
+    elif isinstance(node, ir.Where):
+        pred = node.pred
+        atoms = [pred.left, pred.right] if isinstance(pred, ir.BinOp) and pred.op == "and" else [pred]
+        moduli = [m for m in map(_distance_modulus, atoms) if m is not None]
+        limits = [d for d in map(_distance_limit, atoms) if d is not None]
+        if len(moduli) != 1 or len(moduli) + len(limits) != len(atoms) or len(limits) > 1:
+            return None
+        period = ir.evaluate_int(moduli[0], env)
+        reach = ir.evaluate_int(limits[0], env) // period if limits and period >= 1 else None
+        if reach is not None and reach < 0:
+            return None
+    else:
+        return None
+    return (period, reach) if period >= 1 else None
+
+
+_DISTANCES = (ir.sub(ir.I, ir.J), ir.sub(ir.J, ir.I))
+
+
+def _distance_modulus(atom: ir.Expr) -> ir.Expr | None:
+    """l for `(i - j) % l == 0` (or j - i), l free of positions."""
+    if isinstance(atom, ir.BinOp) and atom.op == "==" and atom.right == ir.Const(0) \
+            and isinstance(atom.left, ir.BinOp) and atom.left.op == "%" and atom.left.left in _DISTANCES \
+            and not atom.left.right.free_vars() & {"i", "j"}:
+        return atom.left.right
+    return None
+
+
+def _distance_limit(atom: ir.Expr) -> ir.Expr | None:
+    """The largest |i - j| allowed by `abs(i - j) <= E` or `< E` (or j - i), E free of positions."""
+    if isinstance(atom, ir.BinOp) and atom.op in ("<=", "<") and isinstance(atom.left, ir.Call) \
+            and atom.left.func == "abs" and atom.left.args[0] in _DISTANCES \
+            and not atom.right.free_vars() & {"i", "j"}:
+        return atom.right if atom.op == "<=" else ir.sub(atom.right, 1)
+    return None
 
 
 # Statistics -----------------------------------------------------------------------------------------------------
