@@ -145,3 +145,23 @@ def test_define_that_no_pattern_declares(capsys, tmp_path: Path):
     path.write_text(TWO_PATTERNS)
     code, _, err = run(capsys, "check", path, "--n", 50, "-D", "q=5")
     assert code == 2 and "no pattern in this file has a parameter `q`" in err, err
+
+
+def test_every_json_key_is_documented(capsys):
+    """docs/check-json.md documents the schema: every key the command emits appears there as `key`."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "check-json.md").read_text()
+    documents = [check_json(capsys, EXAMPLES_DIR / name, "--n", 100) for name in ("strided.attn", "reformer.attn")]
+
+    def keys(value, path=""):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if path.endswith("candidates") or path.endswith("params") or path.endswith("lets"):
+                    continue  # keys of these maps are data (periods, parameter names), not schema
+                yield key, f"{path}.{key}"
+                yield from keys(item, f"{path}.{key}")
+        elif isinstance(value, list):
+            for item in value:
+                yield from keys(item, path)
+
+    missing = {where for document in documents for key, where in keys(document) if f"`{key}`" not in doc}
+    assert not missing, f"undocumented keys: {sorted(missing)}"
