@@ -47,6 +47,11 @@ CASES = {
     "where-and-algebra": lambda: patterncc.parse(
         "pattern q() { causal block 16\n head a = (where (i * 7 + j * 3) % 5 == 0) | local(1)\n"
         " head b = stride(5) - (where i // 3 == j // 5) }"),
+    "residue-windows": lambda: patterncc.parse(
+        "pattern r() { block 16\n head a = dilated(2, 3) | chunk(5)\n"
+        " head b = where abs(j - i) < 9 and (j - i) % 4 == 0 }"),
+    "residue-windows-causal": lambda: patterncc.parse(
+        "pattern r() { causal block 16\n head a = dilated(3, 5) | summary(7, 1)\n head b = where (i - j) % 6 == 0 }"),
     "with-hashed": lambda: patterncc.parse(
         "pattern m() { causal\n head a = local(3)\n head z = hashed(buckets = 4) }"),
 }
@@ -161,3 +166,22 @@ def test_slabs_give_the_same_answer(monkeypatch):
     for key in whole:
         assert sliced[key].covered == whole[key].covered, key
         assert sliced[key].witness == whole[key].witness, key
+
+
+def test_max_steps_must_be_positive():
+    with pytest.raises(patterncc.PatternUsageError, match="max_steps must be a positive integer, got 0"):
+        analyze(_example("local", w=4), 64, max_steps=0)
+
+
+def test_residue_windows_are_recognised():
+    """The shapes the propagation takes as running ORs along residue classes (checked above against brute force)."""
+    from patterncc.analysis.stats import step_pairs
+
+    for case, expected in (("residue-windows", [{(3, 2)}, {(4, 2)}]),
+                           ("residue-windows-causal", [{(5, 3)}, {(6, None)}]),
+                           ("strided-l7", [set(), {(7, None)}]), ("dilated-w3-d2", [set(), {(2, 3)}, {(4, 3)}])):
+        pattern = CASES[case]()
+        bound = pattern.bind(64)
+        pairs = [step_pairs(bound, group, h) for group, count in zip(pattern.heads, bound.counts)
+                 for h in range(count)]
+        assert [set(p.residues) for p in pairs] == expected, case

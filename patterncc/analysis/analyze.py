@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import ir
-from ..errors import warn
+from ..errors import PatternUsageError, warn
 from . import cost as cost_mod
 from .coverage import CoverageResult, coverage
 from .layout import BlockLayout, head_layout
@@ -140,7 +140,14 @@ def single_threaded_torch():
 
 
 def analyze(pattern: ir.Pattern, n: int, layer: int = 0, max_steps: int = 8) -> Analysis:
-    """Exact statistics, closed-form cost, coverage and permutations of `pattern` at sequence length n."""
+    """Exact statistics, closed-form cost, coverage and permutations of `pattern` at sequence length n.
+
+    `layer` picks the layer of a `combine interleaved` pattern (it only changes `layer_heads`); `max_steps` caps
+    the attention path length tried for coverage. Example: `analyze(patterncc.parse("examples/strided.attn"),
+    n=4096).coverage["merged"].steps == 2`.
+    """
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise PatternUsageError(f"max_steps must be a positive integer, got {max_steps!r}")
     with single_threaded_torch():
         return _analyze(pattern, n, layer, max_steps)
 

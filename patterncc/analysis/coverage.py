@@ -6,13 +6,14 @@ residual is a self loop). The pattern covers in p steps when every allowed pair 
 a chain. Computed exactly by propagating reach sets: reach_{s+1}[i] = OR over k in N_s(i) of reach_s[k],
 one packed bit per (i, j).
 
-Speed comes from never touching one key at a time where a whole run of keys can be taken at once. Each step's
-neighbour lists come from a `Connectivity`: a FULL tile contributes the OR of its 64 source rows (computed once
+Speed comes from never touching one key at a time where a whole run of keys can be taken at once. A step's
+explicit pairs come from a `Connectivity`: a FULL tile contributes the OR of its 64 source rows (computed once
 per tile per step), a partial tile whose rows all carry the same word (summary cells) contributes once per query
-tile, and a run of consecutive keys inside a partial tile is read from a per-tile sparse table (two lookups for
-any run length). A `stride(l)` member of a head is kept apart from the explicit pairs: one running OR along each
-residue class mod l replaces its n / l lookups per row. Reach rows are only read over the words their query
-tiles can hold (a window that grows as reach grows), and columns are processed in slabs so memory stays bounded.
+tile, and a run of consecutive keys inside a partial tile is one lookup of a running OR within the tile (from its
+first row, or to its last) or two lookups of a per-tile sparse table. Residue windows (`stride(l)`,
+`dilated(w, d)`) are kept apart: running ORs along each residue class replace their n / l (or 2w + 1) lookups per
+row. Reach rows are only read over the words their query tiles can hold (a window that grows as reach grows), and
+columns are processed in slabs so memory stays bounded for large n (n = 16384 needs 32 MB per reach buffer).
 """
 
 from __future__ import annotations
