@@ -22,7 +22,10 @@ from .emit import RandomRef, TilesEmitter, TorchEmitter, TritonEmitter, describe
 from .errors import PatternUsageError
 from .resources import resource_dir
 
-REFERENCE_N = 4096  # sequence length used to choose permutations when the caller gives none
+# Sequence length at which candidate permutations are searched when the caller gives none. A grid transpose
+# with period l needs n / l >= block positions per residue class to pay off, so this is long; the generated
+# module still decides per n whether the candidate beats natural order.
+REFERENCE_N = 16384
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class MaskPlan:
     index: int
     heads: tuple[str, ...]  # the declared heads it is the union of, e.g. ("local",) or ("far[1]",)
     predicate: ir.Expr  # over i, j, n and runtime parameters; causal included; constants folded
-    period: str | None  # Python source of the grid-transpose period, or None for natural order
+    period: str | None  # Python source of a candidate grid-transpose period, or None for natural order only
     period_formula: str | None
     random_tables: tuple[RandomTable, ...]
 

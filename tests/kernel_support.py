@@ -27,13 +27,13 @@ def build(pattern: patterncc.ir.Pattern, folder: Path, layer: int = 0):
     return import_file(path, f"patterncc_test_{path.stem}")
 
 
-def make_inputs(batch, q_heads, kv_heads, n, dim, dtype, seed=0):
+def make_inputs(batch, q_heads, kv_heads, n, dim, dtype, seed=0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     shape_q, shape_kv = (batch, q_heads, n, dim), (batch, kv_heads, n, dim)
-    q = torch.randn(shape_q, generator=generator).to(dtype)
-    k = torch.randn(shape_kv, generator=generator).to(dtype)
-    v = torch.randn(shape_kv, generator=generator).to(dtype)
-    grad = torch.randn(shape_q, generator=generator).to(dtype)
+    q = torch.randn(shape_q, generator=generator).to(dtype).to(device)
+    k = torch.randn(shape_kv, generator=generator).to(dtype).to(device)
+    v = torch.randn(shape_kv, generator=generator).to(dtype).to(device)
+    grad = torch.randn(shape_q, generator=generator).to(dtype).to(device)
     return q, k, v, grad
 
 
@@ -45,7 +45,7 @@ def _forward_backward(fn, q, k, v, grad):
 
 
 def check_against_reference(module, pattern, n, dim, dtype=torch.float32, backend="torch", batch=1,
-                            head_multiple=1, kv_heads=None, layer=0, factor=10.0):
+                            head_multiple=1, kv_heads=None, layer=0, factor=10.0, device="cpu"):
     """Compare output and every gradient with float64 masked attention.
 
     Tolerance (FlexAttention's rule): the kernel's max error against the float64 result must be at most
@@ -54,7 +54,7 @@ def check_against_reference(module, pattern, n, dim, dtype=torch.float32, backen
     """
     heads = module.NUM_HEADS * head_multiple
     kv = kv_heads or heads
-    q, k, v, grad = make_inputs(batch, heads, kv, n, dim, dtype)
+    q, k, v, grad = make_inputs(batch, heads, kv, n, dim, dtype, device=device)
     mask = pattern.mask(n, layer=layer)
     scale = 1.0 / math.sqrt(dim)
     golden = _forward_backward(lambda a, b, c: masked_attention(a, b, c, mask, scale), q.double(), k.double(),

@@ -11,6 +11,8 @@ All ops are vectorized over tile pairs with torch int64 tensors that broadcast (
 tiles along dim 1). Self-contained (torch and math only): generated modules embed this file.
 """
 
+import contextlib
+
 import torch
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -79,12 +81,18 @@ def natural_tiles(n: int, tile: int) -> SI:
 
 
 def _gcd(a, b) -> torch.Tensor:
-    """Elementwise gcd of non-negative strides; natural-order tiles have strides 0 or 1 only, where the gcd is
-    the maximum, so the slow integer gcd runs only after a permutation."""
+    """Elementwise gcd of non-negative strides, broadcast. Strides take few distinct values (0 and 1 in natural
+    order, l after a grid transpose), so gcd runs on a table of distinct pairs: torch.gcd over every tile pair
+    would dominate the layout's cost."""
     a, b = _t(a), _t(b)
     if bool((a <= 1).all()) and bool((b <= 1).all()):
         return torch.maximum(a, b)
-    return torch.gcd(a, b)
+    values_a, index_a = torch.unique(a, return_inverse=True)
+    values_b, index_b = torch.unique(b, return_inverse=True)
+    if values_a.numel() * values_b.numel() > 4096:
+        return torch.gcd(*torch.broadcast_tensors(a, b))
+    table = torch.gcd(values_a[:, None], values_b[None, :])
+    return table[index_a, index_b]
 
 
 def add(a: SI, b: SI) -> SI:
@@ -104,7 +112,8 @@ def mul(a: SI, b: SI) -> SI:
     lo = torch.minimum(torch.minimum(_t(corners[0]), _t(corners[1])), torch.minimum(_t(corners[2]), _t(corners[3])))
     hi = torch.maximum(torch.maximum(_t(corners[0]), _t(corners[1])), torch.maximum(_t(corners[2]), _t(corners[3])))
     # (a.lo + s k)(b.lo + t m) - a.lo b.lo is a multiple of gcd(a.lo t, b.lo s, s t)
-    st = torch.gcd(torch.gcd(_t(a.lo) * _t(b.st), _t(b.lo) * _t(a.st)), _t(a.st) * _t(b.st))
+    st = _gcd(torch.abs(_gcd(torch.abs(_t(a.lo) * _t(b.st)), torch.abs(_t(b.lo) * _t(a.st)))),
+              torch.abs(_t(a.st) * _t(b.st)))
     big = (torch.abs(lo) > _BIG) | (torch.abs(hi) > _BIG)
     # bound the product's size before trusting int64: operands up to 2**31 cannot overflow
     a_big = (torch.abs(_t(a.lo)) > 1 << 31) | (torch.abs(_t(a.hi)) > 1 << 31)
@@ -154,7 +163,7 @@ def mod(a: SI, b: SI) -> SI:
     a_lo, a_hi, a_st = _t(a.lo), _t(a.hi), _t(a.st)
     single = (a_st == 0) | ((a_st % m) == 0)  # every value of a has the same residue
     no_wrap = torch.div(a_lo, m, rounding_mode="floor") == torch.div(a_hi, m, rounding_mode="floor")
-    g = torch.gcd(a_st, m)
+    g = _gcd(a_st, m)
     g = torch.where(g == 0, m, g)
     r = torch.remainder(a_lo, g)
     lo = torch.where(single, torch.remainder(a_lo, m), torch.where(no_wrap, torch.remainder(a_lo, m), r))
@@ -181,13 +190,13 @@ def abs_(a: SI) -> SI:
 
 def minimum(a: SI, b: SI) -> SI:
     lo, hi = torch.minimum(_t(a.lo), _t(b.lo)), torch.minimum(_t(a.hi), _t(b.hi))
-    st = torch.gcd(torch.gcd(_t(a.st), _t(b.st)), _t(a.lo) - _t(b.lo))
+    st = _gcd(_gcd(_t(a.st), _t(b.st)), torch.abs(_t(a.lo) - _t(b.lo)))
     return SI(lo, hi, torch.where(hi > lo, st, 0))
 
 
 def maximum(a: SI, b: SI) -> SI:
     lo, hi = torch.maximum(_t(a.lo), _t(b.lo)), torch.maximum(_t(a.hi), _t(b.hi))
-    st = torch.gcd(torch.gcd(_t(a.st), _t(b.st)), _t(a.lo) - _t(b.lo))
+    st = _gcd(_gcd(_t(a.st), _t(b.st)), torch.abs(_t(a.lo) - _t(b.lo)))
     return SI(lo, hi, torch.where(hi > lo, st, 0))
 
 
@@ -308,6 +317,18 @@ def tile_lists(selected: torch.Tensor):
     return counts.to(torch.int32), indices
 
 
+@contextlib.contextmanager
+def single_threaded():
+    """Tile ops are many small memory-bound kernels: torch's intra-op threads only contend for them (15x slower
+    on a busy 2-core machine), so layouts are built on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def classify_tiles(predicate, q_tiles: SI, k_tiles: SI, n: int, tile_m: int, tile_n: int,
                    rows_per_chunk: int = 256) -> torch.Tensor:
     """int8 classes (num_q_tiles, num_k_tiles) of `predicate(i, j)` (i, j strided intervals per tile).
@@ -318,10 +339,11 @@ def classify_tiles(predicate, q_tiles: SI, k_tiles: SI, n: int, tile_m: int, til
     num_q, num_k = q_tiles.lo.shape[0], k_tiles.lo.shape[0]
     classes = torch.empty(num_q, num_k, dtype=torch.int8)
     j = SI(k_tiles.lo[None, :], k_tiles.hi[None, :], k_tiles.st[None, :])
-    for start in range(0, num_q, rows_per_chunk):
-        stop = min(start + rows_per_chunk, num_q)
-        i = SI(q_tiles.lo[start:stop, None], q_tiles.hi[start:stop, None], q_tiles.st[start:stop, None])
-        classes[start:stop] = classify(predicate(i, j)).expand(stop - start, num_k)
+    with single_threaded():
+        for start in range(0, num_q, rows_per_chunk):
+            stop = min(start + rows_per_chunk, num_q)
+            i = SI(q_tiles.lo[start:stop, None], q_tiles.hi[start:stop, None], q_tiles.st[start:stop, None])
+            classes[start:stop] = classify(predicate(i, j)).expand(stop - start, num_k)
     if n % tile_m:
         classes[-1][classes[-1] == FULL] = PARTIAL
     if n % tile_n:

@@ -1,0 +1,48 @@
+"""The generated kernels on a real CUDA GPU: every example, fp32/fp16/bf16, every head dim, outputs and all
+gradients against float64 masked attention. Skipped without CUDA; run on a GPU machine with
+
+    TRITON_INTERPRET=0 python -m pytest tests/gpu -q
+
+(TRITON_INTERPRET must be 0 from the start: conftest.py otherwise turns the interpreter on for the CPU suite).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import patterncc
+from conftest import EXAMPLES_DIR
+from kernel_support import build, check_against_reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="run with TRITON_INTERPRET=0"),
+]
+
+CASES = [("strided", dict(l=128)), ("fixed", dict(l=128, c=16)), ("local", dict(w=256)),
+         ("bigbird", dict()), ("dilated", dict())]
+
+
+@pytest.fixture(scope="module")
+def modules(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("generated_gpu")
+    return {name: (patterncc.parse(EXAMPLES_DIR / f"{name}.attn", **params),) for name, params in CASES} | {
+        "_folder": folder}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("dim", [16, 32, 64, 128], ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("name", [c[0] for c in CASES])
+def test_kernels_on_gpu(modules, name, dim, dtype):
+    (pattern,) = modules[name]
+    module = build(pattern, modules["_folder"])
+    n = 1000  # not a multiple of any tile
+    # fp32: 10x the eager fp32 error (FlexAttention's rule); 16-bit: kernels keep softmax statistics in fp32,
+    # so they must be within 1.1x of the eager computation in the same 16-bit dtype.
+    factor = 10.0 if dtype == torch.float32 else 1.1
+    check_against_reference(module, pattern, n, dim, dtype=dtype, backend="triton", batch=2, head_multiple=2,
+                            kv_heads=module.NUM_HEADS, factor=factor, device="cuda")
