@@ -155,7 +155,7 @@ def test_every_json_key_is_documented(capsys):
     def keys(value, path=""):
         if isinstance(value, dict):
             for key, item in value.items():
-                if path.endswith("candidates") or path.endswith("params") or path.endswith("lets"):
+                if path.endswith(("candidates", "params", "lets")):
                     continue  # keys of these maps are data (periods, parameter names), not schema
                 yield key, f"{path}.{key}"
                 yield from keys(item, f"{path}.{key}")

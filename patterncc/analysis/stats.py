@@ -385,11 +385,6 @@ class RowStats:
     density: float  # nonzeros / allowed pairs (n * n, or n (n + 1) / 2 when causal)
     empty_rows: int
     first_empty_row: int | None
-    max_row: int  # a row that reaches the maximum (for checking cost bounds)
-
-    def to_json(self) -> dict:
-        return {"min": self.min, "mean": self.mean, "max": self.max, "nonzeros": self.nonzeros,
-                "density": self.density, "empty_rows": self.empty_rows, "first_empty_row": self.first_empty_row}
 
 
 def allowed_pairs(n: int, causal: bool) -> int:
@@ -402,7 +397,7 @@ def row_stats(conn: Connectivity, causal: bool) -> RowStats:
     empty = np.nonzero(counts == 0)[0]
     return RowStats(min=int(counts.min()), mean=total / conn.n, max=int(counts.max()), nonzeros=total,
                     density=total / allowed_pairs(conn.n, causal), empty_rows=len(empty),
-                    first_empty_row=int(empty[0]) if len(empty) else None, max_row=int(np.argmax(counts)))
+                    first_empty_row=int(empty[0]) if len(empty) else None)
 
 
 def uses_head_index(group: ir.HeadGroup) -> bool:
