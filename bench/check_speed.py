@@ -72,7 +72,7 @@ def main() -> int:
 
 def _coverage(result) -> str:
     if result.status == "covered":
-        return f"{result.steps} steps"
+        return f"{result.steps} step{'' if result.steps == 1 else 's'}"
     if result.status == "not_within_max_steps":
         return f"{result.fractions[-1]:.3f} after {len(result.fractions)} steps"
     return result.status
