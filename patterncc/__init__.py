@@ -1,9 +1,11 @@
 """patterncc: a compiler for attention connectivity patterns."""
 
-from .api import parse, parse_all
-from .errors import PatternError, PatternSemanticError, PatternSyntaxError, PatternUsageError, PatternWarning
+__version__ = "0.1.0"  # first: the modules below read it
 
-__version__ = "0.1.0"
+from .analysis.analyze import analyze
+from .api import parse, parse_all
+from .compiler import compile_pattern, load
+from .errors import PatternError, PatternSemanticError, PatternSyntaxError, PatternUsageError, PatternWarning
 
 __all__ = [
     "PatternError",
@@ -12,6 +14,9 @@ __all__ = [
     "PatternUsageError",
     "PatternWarning",
     "__version__",
+    "analyze",
+    "compile_pattern",
+    "load",
     "parse",
     "parse_all",
 ]

@@ -163,7 +163,8 @@ class KernelReport:
     spill_stores: int
     spill_loads: int
     shared_bytes: int
-    num_warps: int
+    config: tuple[int, int, int, int]  # BLOCK_M, BLOCK_N, num_warps, num_stages
+    configs_tried: int  # 1 when the default did not spill
 
 
 def parse_target(target: str) -> int:
@@ -184,13 +185,18 @@ def aot_compile(module, capability: int, dtypes=("fp16", "bf16", "fp32"),
     reports = []
     for dtype in dtypes:
         for head_dim in head_dims:
-            for name, kernel, signature, constexprs, options in module.aot_specs(dtype, head_dim):
-                source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-                compiled = triton.compile(source, target=target, options=options)
-                stats = ptxas_stats(compiled.asm["ptx"], capability)
+            for name, kernel, signature, configs in module.aot_specs(dtype, head_dim):
+                # As the module does on a GPU: the first config of the chain that does not spill.
+                for tried, (constexprs, options) in enumerate(configs, start=1):
+                    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+                    compiled = triton.compile(source, target=target, options=options)
+                    stats = ptxas_stats(compiled.asm["ptx"], capability)
+                    if not (stats["spill_stores"] or stats["spill_loads"]):
+                        break
+                config = (constexprs["BLOCK_M"], constexprs["BLOCK_N"], options["num_warps"], options["num_stages"])
                 reports.append(KernelReport(name, dtype, head_dim, f"sm_{capability}", stats["registers"],
                                             stats["spill_stores"], stats["spill_loads"], compiled.metadata.shared,
-                                            options["num_warps"]))
+                                            config, tried))
     return reports
 
 
@@ -253,11 +259,14 @@ def run_compile(args) -> int:
                 reports = aot_compile(module, capability)
             if args.asm:
                 table = Table(title=f"{name}: sm_{capability} (ptxas -v)")
-                for column in ("kernel", "dtype", "head_dim", "registers", "spill stores", "spill loads",
-                               "shared bytes"):
+                for column in ("kernel", "dtype", "head_dim", "tile (M, N), warps, stages", "registers",
+                               "spill stores", "spill loads", "shared bytes"):
                     table.add_column(column, justify="right" if column != "kernel" else "left")
                 for r in reports:
-                    table.add_row(r.kernel, r.dtype, str(r.head_dim), str(r.registers), str(r.spill_stores),
+                    tile = f"{r.config[0]}x{r.config[1]}, {r.config[2]}, {r.config[3]}"
+                    if r.configs_tried > 1:
+                        tile += f" (fallback {r.configs_tried - 1})"
+                    table.add_row(r.kernel, r.dtype, str(r.head_dim), tile, str(r.registers), str(r.spill_stores),
                                   str(r.spill_loads), str(r.shared_bytes))
                 console.print(table)
             spilled = [r for r in reports if r.spill_stores or r.spill_loads]

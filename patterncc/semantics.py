@@ -15,8 +15,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from . import ast
-from . import ir
+from . import ast, ir
 from .errors import PatternSemanticError, PatternUsageError, Span
 
 DEFAULT_BLOCK = 64

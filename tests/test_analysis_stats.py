@@ -11,8 +11,9 @@ import torch
 
 import patterncc
 from patterncc import PatternWarning
-from patterncc.analysis.analyze import analyze, single_threaded_torch
+from patterncc.analysis.analyze import analyze
 from patterncc.analysis.layout import EMPTY, FULL, head_layout
+from patterncc.runtime.tiles import single_threaded
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
@@ -20,7 +21,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Reference masks are many tiny torch ops, which stall with two threads on a busy 2-core machine."""
-    with single_threaded_torch():
+    with single_threaded():
         yield
 
 

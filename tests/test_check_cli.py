@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import patterncc
-from patterncc.analysis.analyze import single_threaded_torch
 from patterncc.cli import main
+from patterncc.runtime.tiles import single_threaded
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 TWO_PATTERNS = ("pattern a(w = 2) { causal\n head x = local(w) }\n"
@@ -19,7 +19,7 @@ TWO_PATTERNS = ("pattern a(w = 2) { causal\n head x = local(w) }\n"
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Reference masks are many tiny torch ops, which stall with two threads on a busy 2-core machine."""
-    with single_threaded_torch():
+    with single_threaded():
         yield
 
 

@@ -10,8 +10,9 @@ import sympy
 
 import patterncc
 from patterncc import PatternWarning
-from patterncc.analysis.analyze import analyze, single_threaded_torch
+from patterncc.analysis.analyze import analyze
 from patterncc.analysis.cost import NO_CLOSED_FORM, N, format_order, head_cost
+from patterncc.runtime.tiles import single_threaded
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
@@ -19,7 +20,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Reference masks are many tiny torch ops, which stall with two threads on a busy 2-core machine."""
-    with single_threaded_torch():
+    with single_threaded():
         yield
 
 

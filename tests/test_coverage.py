@@ -24,9 +24,9 @@ def _example(name: str, **params):
 def _one_torch_thread():
     """The reference masks are many tiny torch ops; with two intra-op threads they stall on a busy 2-core
     machine (10 ms per 64 x 64 op), so these tests run torch on one thread."""
-    from patterncc.analysis.analyze import single_threaded_torch
+    from patterncc.runtime.tiles import single_threaded
 
-    with single_threaded_torch():
+    with single_threaded():
         yield
 
 

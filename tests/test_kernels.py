@@ -11,9 +11,9 @@ import random
 
 import pytest
 import torch
+from kernel_support import INTERPRETING, build, check_against_reference
 
 import patterncc
-from kernel_support import INTERPRETING, build, check_against_reference
 
 EXAMPLE_CASES = [
     # (file, overrides, n, head_dim)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import patterncc
-from patterncc.analysis.analyze import single_threaded_torch
 from patterncc.analysis.layout import EMPTY, FULL, head_layout
 from patterncc.analysis.permute import Permutation, candidate_periods, choose_permutation, search_permutation
+from patterncc.runtime.tiles import single_threaded
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
@@ -18,7 +18,7 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """Reference masks are many tiny torch ops, which stall with two threads on a busy 2-core machine."""
-    with single_threaded_torch():
+    with single_threaded():
         yield
 
 

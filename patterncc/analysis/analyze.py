@@ -13,14 +13,12 @@ Passes, in order:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 
-import torch
-
 from .. import ir
 from ..errors import PatternUsageError, warn
+from ..runtime import tiles
 from . import cost as cost_mod
 from .coverage import CoverageResult, coverage
 from .layout import BlockLayout, head_layout
@@ -127,18 +125,6 @@ class Analysis:
         }
 
 
-@contextlib.contextmanager
-def single_threaded_torch():
-    """The tile analysis runs many small torch ops; with several intra-op threads they wait on each other (and
-    on any other busy process) far longer than they compute, so the analysis runs them on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def analyze(pattern: ir.Pattern, n: int, layer: int = 0, max_steps: int = 8) -> Analysis:
     """Exact statistics, closed-form cost, coverage and permutations of `pattern` at sequence length n.
 
@@ -148,7 +134,7 @@ def analyze(pattern: ir.Pattern, n: int, layer: int = 0, max_steps: int = 8) -> 
     """
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise PatternUsageError(f"max_steps must be a positive integer, got {max_steps!r}")
-    with single_threaded_torch():
+    with tiles.single_threaded():
         return _analyze(pattern, n, layer, max_steps)
 
 

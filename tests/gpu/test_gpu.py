@@ -12,10 +12,10 @@ import os
 
 import pytest
 import torch
-
-import patterncc
 from conftest import EXAMPLES_DIR
 from kernel_support import build, check_against_reference
+
+import patterncc
 
 pytestmark = [
     pytest.mark.gpu,
