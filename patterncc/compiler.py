@@ -3,6 +3,7 @@ standalone module file) and `patterncc.load()` (an nn.Module from a cache of gen
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -17,6 +18,7 @@ from . import __version__, ir
 from .api import parse, parse_all
 from .errors import PatternUsageError
 from .lower import KernelPlan, plan, render
+from .resources import resource_dir
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,22 @@ def compile_pattern(pattern: ir.Pattern, layer: int = 0, n: int | None = None,
 def _module_name(name: str, layer: int, combine: str) -> str:
     stem = re.sub(r"[^0-9a-zA-Z_]", "_", name).lower()
     return f"{stem}_layer{layer}" if combine == "interleaved" else stem
+
+
+@functools.cache
+def _generator_fingerprint() -> str:
+    """A hash of everything besides the pattern that shapes generated code: the templates, the runtime files
+    embedded in generated modules and the code that emits them (so an edited checkout never reuses a stale
+    cached module under an unchanged version number)."""
+    h = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    files = sorted(resource_dir("templates").glob("*.jinja"))
+    files += [package / "runtime" / "tiles.py", package / "runtime" / "random_blocks.py", package / "lower.py",
+              package / "emit.py", package / "embed.py"]
+    for path in files:
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _versions() -> str:
@@ -93,9 +111,10 @@ def import_file(path: Path, module_name: str):
 def load_module(text_or_path, pattern: str | None = None, layer: int = 0, **params):
     """Compile (or take from the cache) and import the generated module; returns the Python module."""
     ir_pattern = parse(text_or_path, pattern=pattern, **params)
-    # The cache key covers everything that changes the output: the pattern text, parameters, layer and the
-    # versions of patterncc, torch and triton (tinygrad's program key).
-    key_text = repr((ir_pattern.source, ir_pattern.name, sorted(params.items()), layer, _versions()))
+    # The cache key covers everything that changes the output: the pattern text, parameters, layer, the
+    # versions of patterncc, torch and triton, and the generator's own files (tinygrad's program key).
+    key_text = repr((ir_pattern.source, ir_pattern.name, sorted(params.items()), layer, _versions(),
+                     _generator_fingerprint()))
     key = hashlib.sha256(key_text.encode()).hexdigest()[:20]
     stem = _module_name(ir_pattern.name, layer, ir_pattern.combine)
     path = cache_dir() / key / f"{stem}.py"

@@ -400,6 +400,15 @@ class HeadGroup:
     body: HeadBody
 
     @property
+    def uses_head_index(self) -> bool:
+        """Whether the heads of the group differ: their expression mentions `h`."""
+        if isinstance(self.body, SetExpr):
+            exprs = [e for node in self.body.walk() for e in node.exprs()]
+        else:
+            exprs = list(self.body.exprs())
+        return any("h" in e.free_vars() for e in exprs)
+
+    @property
     def family(self) -> str:
         if isinstance(self.body, Hashed):
             return "hashed"

@@ -113,12 +113,6 @@ def _check_output(path: str | Path) -> Path:
 # What to draw --------------------------------------------------------------------------------------------------
 
 
-def _uses_h(group: ir.HeadGroup) -> bool:
-    body = group.body
-    nodes = body.walk() if isinstance(body, ir.SetExpr) else (body,)
-    return any("h" in e.free_vars() for node in nodes for e in node.exprs())
-
-
 def _describe(group: ir.HeadGroup) -> str:
     body = group.body
     if isinstance(body, ir.Kernel):
@@ -133,7 +127,7 @@ def _panels(bound: ir.Bound, layer: int) -> list[_Panel]:
     """Distinct attention heads of `layer` (identical heads share one), then the union if it adds anything."""
     distinct: dict[tuple, tuple[Pairs, list[int]]] = {}
     for k, pairs in enumerate(bound.head_sets(layer)):
-        key = tuple((g.name, h if _uses_h(g) else 0) for g, h in pairs)
+        key = tuple((g.name, h if g.uses_head_index else 0) for g, h in pairs)
         distinct.setdefault(key, (pairs, []))[1].append(k)
     panels = []
     for index, (pairs, heads) in enumerate(distinct.values()):
@@ -141,7 +135,7 @@ def _panels(bound: ir.Bound, layer: int) -> list[_Panel]:
         count = f" (heads {_ranges(heads)})" if len(heads) > 1 else f" (head {heads[0]})"
         if len(pairs) == 1:
             group, h = pairs[0]
-            name = f"{group.name}[h={h}]" if _uses_h(group) else group.name
+            name = f"{group.name}[h={h}]" if group.uses_head_index else group.name
             panels.append(_Panel(name + count, _describe(group), pairs, color))
         else:
             names = ", ".join(dict.fromkeys(g.name for g, _ in pairs))

@@ -33,7 +33,6 @@ from .stats import (
     row_stats,
     step_pairs,
     union,
-    uses_head_index,
 )
 
 DATA_DEPENDENT = ("hashed heads depend on the data: their pairs are unknown before the inputs are, so coverage "
@@ -143,7 +142,7 @@ def _analyze(pattern: ir.Pattern, n: int, layer: int, max_steps: int) -> Analysi
     bound = pattern.bind(n)
     entries = []  # (name, group, h or None, count)
     for group, count in zip(pattern.heads, bound.counts):
-        if uses_head_index(group):
+        if group.uses_head_index:
             entries.extend((f"{group.name}[{h}]", group, h, 1) for h in range(count))
         else:
             entries.append((group.name, group, None, count))
@@ -248,4 +247,4 @@ def _entry_name(pairs, combine: str) -> str:
     if combine == "merged":
         return "union"
     (group, h), = pairs
-    return f"{group.name}[{h}]" if uses_head_index(group) else group.name
+    return f"{group.name}[{h}]" if group.uses_head_index else group.name

@@ -144,19 +144,8 @@ def pattern_layouts(bound: ir.Bound, layer: int = 0, tile_m: int | None = None, 
     cache: dict = {}
     out = []
     for pairs in bound.head_sets(layer):
-        key = tuple((g.name, h if _uses_h(g) else 0) for g, h in pairs)
+        key = tuple((g.name, h if g.uses_head_index else 0) for g, h in pairs)
         if key not in cache:
             cache[key] = head_layout(bound, pairs, tile_m, tile_n, positions)
         out.append(cache[key])
     return out
-
-
-def _uses_h(group: ir.HeadGroup) -> bool:
-    body = group.body
-    exprs = []
-    if isinstance(body, ir.SetExpr):
-        for node in body.walk():
-            exprs.extend(node.exprs())
-    else:
-        exprs.extend(body.exprs())
-    return any("h" in e.free_vars() for e in exprs)

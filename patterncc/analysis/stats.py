@@ -399,14 +399,3 @@ def row_stats(conn: Connectivity, causal: bool) -> RowStats:
                     density=total / allowed_pairs(conn.n, causal), empty_rows=len(empty),
                     first_empty_row=int(empty[0]) if len(empty) else None)
 
-
-def uses_head_index(group: ir.HeadGroup) -> bool:
-    """Whether the heads of a group differ (their expression mentions `h`)."""
-    body = group.body
-    exprs: list[ir.Expr] = []
-    if isinstance(body, ir.SetExpr):
-        for node in body.walk():
-            exprs.extend(node.exprs())
-    else:
-        exprs.extend(body.exprs())
-    return any("h" in e.free_vars() for e in exprs)
