@@ -152,9 +152,10 @@ def test_new_sequence_length_reuses_kernels_and_caches_layouts(modules):
     layout = module.get_layout(100, "cpu")
     assert module.get_layout(100, "cpu") is layout
     assert module.get_layout(64, "cpu") is not layout
-    for name, _, signature, constexprs, _ in module.aot_specs("fp16", 64):
+    for name, _, signature, configs in module.aot_specs("fp16", 64):
         assert signature["n_ctx"] == "i32" and signature["P_l"] == "i32", name
-        assert "n_ctx" not in constexprs and "P_l" not in constexprs, name
+        for constexprs, _ in configs:
+            assert "n_ctx" not in constexprs and "P_l" not in constexprs, name
 
 
 def test_long_sequence_layout_is_sparse(modules):
