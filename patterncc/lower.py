@@ -253,10 +253,14 @@ def render(kernel_plan: KernelPlan) -> str:
             "tiles": tiles_emit(pred),
             "constant": constant,
         })
-    source_lines = [line.rstrip() for line in pattern.source.splitlines()]
+    # The pattern is re-printed from the IR, never copied from the file: comments in an untrusted .attn file
+    # stay out of generated code, and the file name is shown through repr() (it could hold a newline).
+    from .format import format_pattern
+
+    source_lines = format_pattern(pattern).splitlines()
     context = dict(
         plan=kernel_plan, masks=masks, version=__version__, torch_version=torch.__version__,
-        triton_version=triton_version, source_lines=source_lines, filename=pattern.filename,
+        triton_version=triton_version, source_lines=source_lines, filename=repr(str(pattern.filename)),
         unpack_params=(f"({', '.join(f'P_{name}' for name, _ in kernel_plan.runtime_params)},) = runtime_params(n)"
                        if kernel_plan.runtime_params else None),
         runtime_args="".join(f", P_{name}" for name, _ in kernel_plan.runtime_params),

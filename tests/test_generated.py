@@ -47,13 +47,24 @@ def test_generated_source_snapshot():
     assert "def strided_fwd_kernel(" in source and "def strided_bwd_dkdv_kernel(" in source
     assert "class Strided(torch.nn.Module):" in source
     header = source.splitlines()[:12]
-    assert any("pattern strided(l = 128) {" in line for line in header)
+    assert any(line.startswith("#   pattern strided(l = 128) {") for line in header)
 
 
 def test_non_negative_dividends_use_plain_operators():
     text = "pattern p(l = 16, c = 4) { head s = summary(l, c) }"
     source = compile_pattern(patterncc.parse(text)).source
     assert "((o_j % 16) >= 12)" in source  # j >= 0 and 16 > 0: truncation and floor agree
+
+
+def test_untrusted_text_never_reaches_generated_code(tmp_path):
+    """Comments of the .attn file are not copied, and a file name with a newline cannot start a line of code."""
+    path = tmp_path / "evil\nimport os  # .attn"
+    path.write_text("pattern p() { head a = local(3) # ; import os; os.system('x')\n}")
+    source = compile_pattern(patterncc.parse(path)).source
+    assert "os.system" not in source
+    assert not any(line.startswith("import os  # .attn") for line in source.splitlines())
+    assert "evil\\nimport os" in source  # the name, shown through repr()
+    compile(source, "generated", "exec")
 
 
 def test_untrusted_names_and_numbers_are_reprinted():
