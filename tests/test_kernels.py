@@ -117,6 +117,21 @@ def test_random_set_expressions(modules, seed):
         check_against_reference(module, pattern, 48, 16, backend="triton")
 
 
+@pytest.mark.parametrize("share", [0.0, float("inf")], ids=["per-tile-keys", "shared-chunk-keys"])
+@pytest.mark.parametrize("name", ["fixed", "strided", "bigbird"])
+def test_cpu_path_both_gather_modes(tmp_path, name, share):
+    """The CPU path's two ways of gathering keys (per query tile, or shared by a chunk of tiles) agree with the
+    reference; a fresh module per mode, since the plan is cached with the layout."""
+    overrides = {"fixed": dict(l=16, c=4), "strided": dict(l=8), "bigbird": dict(w=20, g=5, r=2)}[name]
+    pattern = _example(name, **overrides)
+    module = build(pattern, tmp_path)
+    module.CPU_SHARE_LIMIT = share
+    module.CPU_CHUNK = 2  # several chunks even at small n
+    check_against_reference(module, pattern, 300, 16, backend="torch")
+    modes = {module.get_layout(300, "cpu").cpu_gather(m, torch.float32)[0] for m in range(module.NUM_MASKS)}
+    assert modes == {"tile" if share == 0.0 else "chunk"}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_cpu_path_half_precision(modules, dtype):
     """16-bit inputs run in float32 on the CPU path; errors stay within the eager 16-bit computation's."""
