@@ -20,18 +20,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import EXAMPLES, PATTERNS, forward_backward  # noqa: E402 (bench/ is on sys.path)
 
 import patterncc  # noqa: E402
 from patterncc.compiler import load_module  # noqa: E402
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-PATTERNS = {
-    "strided(l=128)": ("strided.attn", {"l": 128}),
-    "fixed(l=128,c=16)": ("fixed.attn", {"l": 128, "c": 16}),
-    "local(256)": ("local.attn", {"w": 256}),
-}
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -43,13 +35,6 @@ def median_seconds(fn, repeats: int) -> float:
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
-
-def forward_backward(attn, q, k, v):
-    def run():
-        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-        attn(qq, kk, vv).sum().backward()
-
-    return run
 
 
 def flex_forward(pattern, n, heads, q, k, v):

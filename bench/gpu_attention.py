@@ -20,17 +20,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common import EXAMPLES, PATTERNS, forward_backward  # noqa: E402 (bench/ is on sys.path)
 
 from patterncc.compiler import load_module  # noqa: E402
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-PATTERNS = {
-    "strided(l=128)": ("strided.attn", {"l": 128}),
-    "fixed(l=128,c=16)": ("fixed.attn", {"l": 128, "c": 16}),
-    "local(256)": ("local.attn", {"w": 256}),
-}
 
 
 def bench_ms(fn) -> float:
@@ -38,13 +30,6 @@ def bench_ms(fn) -> float:
 
     return triton.testing.do_bench(fn, warmup=25, rep=100)
 
-
-def fwd_bwd(fn, q, k, v, grad):
-    def run():
-        qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))
-        fn(qq, kk, vv).backward(grad)
-
-    return run
 
 
 def flex_attention_fn(module, n, heads):
@@ -100,7 +85,7 @@ def main() -> None:
         row = {"pattern": label}
         for name, fn in (("patterncc", ours), ("flex", flex), ("sdpa_causal", sdpa)):
             row[f"{name}_fwd_ms"] = bench_ms(lambda: fn(q, k, v))
-            row[f"{name}_fwd_bwd_ms"] = bench_ms(fwd_bwd(fn, q, k, v, grad))
+            row[f"{name}_fwd_bwd_ms"] = bench_ms(forward_backward(fn, q, k, v, grad))
         row["patterncc_fwd_tflops"] = 4 * pairs * dim / row["patterncc_fwd_ms"] / 1e9
         row["patterncc_fwd_bwd_tflops"] = 2.5 * 4 * pairs * dim / row["patterncc_fwd_bwd_ms"] / 1e9
         causal_pairs = args.batch * heads * n * (n + 1) // 2
