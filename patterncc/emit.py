@@ -94,7 +94,6 @@ def value_range(expr: ir.Expr, ranges: dict[str, tuple[int, int]]) -> tuple[int,
         return f(rs[0][0], rs[1][0]), f(rs[0][1], rs[1][1])
     assert isinstance(expr, ir.BinOp)
     if expr.op in ir.COMPARE_OPS or expr.op in ir.BOOL_OPS:
-        value_range(expr.left, ranges), value_range(expr.right, ranges)
         return None
     (alo, ahi), (blo, bhi) = value_range(expr.left, ranges), value_range(expr.right, ranges)
     if expr.op == "+":
@@ -202,7 +201,7 @@ class TorchEmitter(_Emitter):
         if func == "abs":
             return f"torch.abs(torch.as_tensor({args[0]}))"
         if func == "isqrt":
-            return f"_isqrt({args[0]})"
+            return f"tiles_floor_sqrt({args[0]})"
         return f"torch.{'minimum' if func == 'min' else 'maximum'}(torch.as_tensor({args[0]}), " \
                f"torch.as_tensor({args[1]}))"
 

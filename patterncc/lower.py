@@ -8,7 +8,6 @@ never recompiles a kernel), int32 vs int64 arithmetic. Templates only place the 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass
@@ -143,7 +142,7 @@ def plan(pattern: ir.Pattern, layer: int = 0, n: int | None = None, params: dict
         predicate = fold(predicate)
         key = (predicate, tuple(tables))  # random tables numbered from 0 within the mask, for deduplication
         if key not in keys:
-            period, formula = _choose_period(bound, pairs, predicate, constants, python)
+            period, formula = _choose_period(bound, pairs, predicate, python)
             # In the kernel, tables of all masks live in one tensor: renumber this mask's from the running total.
             predicate = _renumber_tables(predicate, sum(len(m.random_tables) for m in masks))
             keys[key] = len(masks)
@@ -192,7 +191,7 @@ def _lower_set(s: ir.SetExpr, env: dict, block_expr: ir.Expr, python: PythonEmit
     return fold(walk(s)), tables
 
 
-def _choose_period(bound, pairs, predicate, constants, python) -> tuple[str | None, str | None]:
+def _choose_period(bound, pairs, predicate, python) -> tuple[str | None, str | None]:
     """The grid-transpose period that makes this mask block-sparse (from the analysis), as Python source."""
     try:
         from .analysis.permute import choose_permutation
@@ -277,7 +276,3 @@ def plan_key(kernel_plan: KernelPlan) -> str:
     h.update(repr((kernel_plan.masks, kernel_plan.head_masks, kernel_plan.runtime_params, kernel_plan.block,
                    kernel_plan.causal, kernel_plan.int64, kernel_plan.class_name, __version__)).encode())
     return h.hexdigest()[:16]
-
-
-def with_overrides(kernel_plan: KernelPlan, **changes) -> KernelPlan:
-    return dataclasses.replace(kernel_plan, **changes)

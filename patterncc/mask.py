@@ -13,6 +13,7 @@ import torch
 from . import ir
 from .errors import PatternUsageError
 from .runtime.random_blocks import random_block_table
+from .runtime.tiles import floor_sqrt
 
 Value = torch.Tensor | int | bool
 _INT64 = 2**63
@@ -71,9 +72,7 @@ def _isqrt(x: Value) -> Value:
         return math.isqrt(x)
     if bool((x < 0).any()):
         raise PatternUsageError("isqrt of a negative number")
-    root = torch.sqrt(x.to(torch.float64)).to(torch.int64)
-    root = torch.where(root * root > x, root - 1, root)  # float sqrt can be one off near perfect squares
-    return torch.where((root + 1) * (root + 1) <= x, root + 1, root)
+    return floor_sqrt(x)
 
 
 def set_mask(s: ir.SetExpr, env: Mapping[str, Value], n: int, block: int, causal: bool) -> torch.Tensor:

@@ -101,9 +101,6 @@ class BlockLayout:
         return float((self.classes != EMPTY).sum()) / self.classes.numel()
 
 
-index_lists = tiles.index_lists
-
-
 def head_layout(bound: ir.Bound, pairs, tile_m: int | None = None, tile_n: int | None = None,
                 positions: torch.Tensor | None = None) -> BlockLayout:
     """Layout of one attention head: the union of (group, h) pairs (see `ir.Bound.head_sets`).

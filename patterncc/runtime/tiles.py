@@ -200,13 +200,15 @@ def maximum(a: SI, b: SI) -> SI:
     return SI(lo, hi, torch.where(hi > lo, st, 0))
 
 
-def isqrt(a: SI) -> SI:
-    def floor_sqrt(x):
-        x = torch.clamp(_t(x), min=0)
-        r = torch.sqrt(x.to(torch.float64)).to(torch.int64)
-        r = torch.where(r * r > x, r - 1, r)
-        return torch.where((r + 1) * (r + 1) <= x, r + 1, r)
+def floor_sqrt(x) -> torch.Tensor:
+    """Exact integer square root of non-negative int64 values (negatives clamp to 0)."""
+    x = torch.clamp(_t(x), min=0)
+    r = torch.sqrt(x.to(torch.float64)).to(torch.int64)
+    r = torch.where(r * r > x, r - 1, r)  # float sqrt can be one off near perfect squares
+    return torch.where((r + 1) * (r + 1) <= x, r + 1, r)
 
+
+def isqrt(a: SI) -> SI:
     lo, hi = floor_sqrt(a.lo), floor_sqrt(a.hi)
     return SI(lo, hi, (hi > lo).to(torch.int64))
 
@@ -278,28 +280,6 @@ def classify(pred) -> torch.Tensor:
     out[~may_true.expand_as(out)] = EMPTY
     out[(may_true & ~may_false).expand_as(out)] = FULL
     return out
-
-
-def index_lists(classes: torch.Tensor):
-    """Compact per-row lists of non-empty tiles, ascending: (counts[rows], indices[rows, width], full[rows, width]).
-
-    Rows are query tiles for `classes`, key tiles for `classes.T`. Padding entries repeat the row's last index
-    (or 0 for an empty row) and are never read: kernels loop to counts[row].
-    """
-    nonempty = classes != EMPTY
-    counts = nonempty.sum(dim=1).to(torch.int32)
-    width = max(int(counts.max()) if counts.numel() else 0, 1)
-    cols = torch.arange(classes.shape[1], dtype=torch.int64).expand_as(classes)
-    # Sort non-empty columns first (stable keeps them ascending): key = column, or a large number if empty.
-    keyed = torch.where(nonempty, cols, classes.shape[1] + cols)
-    order = torch.sort(keyed, dim=1, stable=True).values[:, :width]
-    order = torch.where(order >= classes.shape[1], order - classes.shape[1], order)
-    indices = order.to(torch.int32)
-    full = torch.gather(classes, 1, order) == FULL
-    valid = torch.arange(width)[None, :] < counts[:, None].to(torch.int64)
-    last = torch.where(counts > 0, torch.gather(indices, 1, (counts.clamp(min=1) - 1).to(torch.int64)[:, None])[:, 0], 0)
-    indices = torch.where(valid, indices, last[:, None])
-    return counts, indices.contiguous(), (full & valid).contiguous()
 
 
 def tile_lists(selected: torch.Tensor):
