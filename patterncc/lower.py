@@ -52,6 +52,36 @@ class MaskPlan:
 
 
 @dataclass(frozen=True)
+class HashedCall:
+    """Attention heads of one hashed group with the same parameters: one `lsh_attention` call."""
+
+    name: str  # module attribute of its rotations buffer, e.g. "rotations_lsh"
+    group: str
+    heads: tuple[int, ...]  # attention heads of the module
+    draws: tuple[tuple[int, int], ...]  # per head: (seed, h); its rotation is lsh_rotations(count, ..., seed)[h]
+    count: int  # heads in the declared group
+    buckets: int
+    rounds: int
+    chunk: int
+    shared_qk: bool
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """Attention heads of one kernel (linear attention) group with the same parameters: one `linear_attention`
+    call."""
+
+    name: str  # module attribute of its FAVOR+ projection buffer (favor only), e.g. "projection_summary"
+    group: str
+    heads: tuple[int, ...]
+    draws: tuple[tuple[int, int], ...]  # favor: per head (seed, h), as for HashedCall
+    count: int
+    feature_map: str
+    features: int | None
+    eps: float
+
+
+@dataclass(frozen=True)
 class KernelPlan:
     pattern: ir.Pattern
     params: dict  # parameter overrides baked in
@@ -59,13 +89,21 @@ class KernelPlan:
     class_name: str
     prefix: str
     num_heads: int
-    head_masks: tuple[int, ...]  # attention head -> mask index
+    head_families: tuple[str, ...]  # attention head -> "set", "hashed" or "kernel"
+    set_heads: tuple[int, ...]  # attention heads run by the block-sparse kernels, in order
+    head_masks: tuple[int, ...]  # set head (index into set_heads) -> mask index
     masks: tuple[MaskPlan, ...]
     runtime_params: tuple[tuple[str, str], ...]  # (name, Python source over n and earlier ones), in order
     runtime_ranges: tuple[tuple[str, tuple[int, int]], ...]  # bounds of n and runtime parameters
     block: int
     causal: bool
     int64: bool
+    hashed_calls: tuple[HashedCall, ...] = ()
+    kernel_calls: tuple[KernelCall, ...] = ()
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return tuple(f for f in ("set", "hashed", "kernel") if f in self.head_families)
 
     @property
     def permuted(self) -> bool:
@@ -100,12 +138,6 @@ def _class_name(name: str) -> str:
 
 def plan(pattern: ir.Pattern, layer: int = 0, n: int | None = None, params: dict | None = None) -> KernelPlan:
     """Decide everything the templates need for `pattern` (already carrying any parameter overrides)."""
-    for group in pattern.heads:
-        if group.family != "set":
-            raise PatternUsageError(
-                f"head `{group.name}` is a {group.family} head; this version of patterncc compiles set heads "
-                f"(local, stride, chunk, summary, global, dilated, random, dense, where) only",
-                filename=pattern.filename)
     dependent = pattern.depends_on_n()
     if pattern.block.free_vars() & (dependent | {"n"}):
         raise PatternUsageError("the block size must not depend on n: it is the kernels' tile size",
@@ -123,10 +155,13 @@ def plan(pattern: ir.Pattern, layer: int = 0, n: int | None = None, params: dict
             runtime.append((name, python(body)))
             ranges[name] = value_range(body, ranges) or (0, 1)
     head_sets = bound.head_sets(layer)
+    head_families = tuple(pairs[0][0].family for pairs in head_sets)  # `combine merged` unions set heads only
+    set_heads = tuple(head for head, family in enumerate(head_families) if family == "set")
+    hashed_calls, kernel_calls = _family_calls(pattern, bound, head_sets, constants, dependent | {"n"})
     masks: list[MaskPlan] = []
     keys: dict[tuple, int] = {}
     head_masks: list[int] = []
-    for pairs in head_sets:
+    for pairs in (head_sets[head] for head in set_heads):
         predicates, tables, labels = [], [], []
         for group, h in pairs:
             env = {**constants, "h": h}
@@ -152,9 +187,64 @@ def plan(pattern: ir.Pattern, layer: int = 0, n: int | None = None, params: dict
     int64 = any(needs_int64(m.predicate, ranges) for m in masks)
     return KernelPlan(
         pattern=pattern, params=dict(params or {}), layer=layer, class_name=_class_name(pattern.name),
-        prefix=pattern.name.lower(), num_heads=len(head_sets), head_masks=tuple(head_masks),
-        masks=tuple(masks), runtime_params=tuple(runtime), runtime_ranges=tuple(ranges.items()),
-        block=bound.block, causal=pattern.causal, int64=int64)
+        prefix=pattern.name.lower(), num_heads=len(head_sets), head_families=head_families, set_heads=set_heads,
+        head_masks=tuple(head_masks), masks=tuple(masks), runtime_params=tuple(runtime),
+        runtime_ranges=tuple(ranges.items()), block=bound.block, causal=pattern.causal, int64=int64,
+        hashed_calls=hashed_calls, kernel_calls=kernel_calls)
+
+
+def _family_calls(pattern: ir.Pattern, bound: ir.Bound, head_sets, constants: dict,
+                  n_dependent: set[str]) -> tuple[tuple[HashedCall, ...], tuple[KernelCall, ...]]:
+    """Hashed and kernel heads, grouped into calls of heads with equal parameters (values bound per head h).
+
+    Their parameters fix buffer shapes (rotations, projections) and kernel constants, so they must not depend
+    on n. Each head's random draw is (seed, h): row h of the group's draw from that seed, so the heads of a
+    group differ even when they share a seed, and a module's buffers are reproducible from the pattern alone.
+    """
+    calls: dict[tuple, list[int]] = {}
+    draws: dict[tuple, list[tuple[int, int]]] = {}
+    for head, pairs in enumerate(head_sets):
+        group, h = pairs[0]
+        if group.family == "set":
+            continue
+        body = group.body
+        for expr in body.exprs():
+            if expr.free_vars() & n_dependent:
+                raise PatternUsageError(
+                    f"the parameters of {group.family} head `{group.name}` must not depend on n: they fix the "
+                    f"shapes of its random buffers and its kernels' constants", filename=pattern.filename)
+
+        def value(expr, group=group, h=h):
+            return ir.evaluate_int(expr, {**constants, "h": h, "n": bound.n})
+
+        count = bound.counts[pattern.heads.index(group)]
+        if isinstance(body, ir.Hashed):
+            key = ("hashed", group.name, count, value(body.buckets), value(body.rounds), value(body.chunk),
+                   body.shared_qk)
+        else:
+            features = value(body.features) if body.features is not None else None
+            key = ("kernel", group.name, count, body.feature_map, features, body.eps)
+        calls.setdefault(key, []).append(head)
+        draws.setdefault(key, []).append((value(body.seed), h))
+    hashed: list[HashedCall] = []
+    kernel: list[KernelCall] = []
+    per_group: dict[str, int] = {}
+    for key in calls:
+        per_group[key[1]] = per_group.get(key[1], 0) + 1
+    seen: dict[str, int] = {}
+    for key, heads in calls.items():
+        family, group, count, *rest = key
+        seen[group] = seen.get(group, 0) + 1
+        suffix = f"{group}_{seen[group] - 1}" if per_group[group] > 1 else group
+        if family == "hashed":
+            buckets, rounds, chunk, shared_qk = rest
+            hashed.append(HashedCall(f"rotations_{suffix}", group, tuple(heads), tuple(draws[key]), count, buckets,
+                                     rounds, chunk, shared_qk))
+        else:
+            feature_map, features, eps = rest
+            kernel.append(KernelCall(f"projection_{suffix}", group, tuple(heads), tuple(draws[key]), count,
+                                     feature_map, features, eps))
+    return tuple(hashed), tuple(kernel)
 
 
 def _renumber_tables(expr: ir.Expr, offset: int) -> ir.Expr:
@@ -257,8 +347,20 @@ def render(kernel_plan: KernelPlan) -> str:
     from .format import format_pattern
 
     source_lines = format_pattern(pattern).splitlines()
+    hashed = [{**call.__dict__, "literal": repr((call.name, call.heads, call.draws, call.count, call.buckets,
+                                                  call.rounds, call.chunk, call.shared_qk))}
+              for call in kernel_plan.hashed_calls]
+    kernel = [{**call.__dict__, "literal": repr((call.name, call.heads, call.draws, call.count, call.feature_map,
+                                                  call.features, call.eps))}
+              for call in kernel_plan.kernel_calls]
+    favor = sorted({call.features for call in kernel_plan.kernel_calls if call.feature_map == "favor"})
+    plain_maps = tuple(sorted({c.feature_map for c in kernel_plan.kernel_calls if c.feature_map != "favor"}))
+    linear_aot = ([(repr(plain_maps), 64)] if plain_maps else []) + [(repr(("favor",)), m) for m in favor]
+    buffer_names = [c.name for c in kernel_plan.hashed_calls]
+    buffer_names += [c.name for c in kernel_plan.kernel_calls if c.feature_map == "favor"]
     context = dict(
-        plan=kernel_plan, masks=masks, version=__version__, torch_version=torch.__version__,
+        plan=kernel_plan, masks=masks, hashed=hashed, kernel=kernel, buffer_names=repr(tuple(buffer_names)),
+        has_favor=bool(favor), linear_aot=linear_aot, head_summary=_head_summary(kernel_plan), version=__version__, torch_version=torch.__version__,
         triton_version=triton_version, source_lines=source_lines, filename=repr(str(pattern.filename)),
         unpack_params=(f"({', '.join(f'P_{name}' for name, _ in kernel_plan.runtime_params)},) = runtime_params(n)"
                        if kernel_plan.runtime_params else None),
@@ -270,9 +372,21 @@ def render(kernel_plan: KernelPlan) -> str:
     return _environment().get_template("module.py.jinja").render(**context)
 
 
+def _head_summary(kernel_plan: KernelPlan) -> str:
+    """e.g. "heads 0-3 set, 4-5 kernel"."""
+    runs: list[list] = []
+    for head, family in enumerate(kernel_plan.head_families):
+        if runs and runs[-1][2] == family:
+            runs[-1][1] = head
+        else:
+            runs.append([head, head, family])
+    return ", ".join(f"{'head' if a == b else 'heads'} {a if a == b else f'{a}-{b}'} {family}" for a, b, family in runs)
+
+
 def plan_key(kernel_plan: KernelPlan) -> str:
     """A hash of everything that changes the generated source (tinygrad's program key)."""
     h = hashlib.sha256()
-    h.update(repr((kernel_plan.masks, kernel_plan.head_masks, kernel_plan.runtime_params, kernel_plan.block,
-                   kernel_plan.causal, kernel_plan.int64, kernel_plan.class_name, __version__)).encode())
+    h.update(repr((kernel_plan.masks, kernel_plan.head_families, kernel_plan.set_heads, kernel_plan.head_masks,
+                   kernel_plan.runtime_params, kernel_plan.block, kernel_plan.causal, kernel_plan.int64,
+                   kernel_plan.hashed_calls, kernel_plan.kernel_calls, kernel_plan.class_name, __version__)).encode())
     return h.hexdigest()[:16]

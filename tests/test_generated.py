@@ -104,9 +104,11 @@ def test_load_interleaved_layers(tmp_path, monkeypatch):
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12, msg=f"layer {layer}")
 
 
-def test_load_rejects_unsupported_families_clearly():
-    with pytest.raises(patterncc.PatternError, match="hashed head"):
-        load(EXAMPLES_DIR / "reformer.attn")
+def test_family_parameters_must_not_depend_on_n():
+    """They fix buffer shapes and kernel constants: a clear error, not a module that breaks at a new n."""
+    text = "pattern p() { causal head a = hashed(buckets = 4, rounds = 1, chunk = n // 8) }"
+    with pytest.raises(patterncc.PatternError, match="hashed head `a` must not depend on n"):
+        load(text)
 
 
 def test_scale_argument(tmp_path, monkeypatch):
