@@ -153,7 +153,7 @@ def compile_report(compiled: Compiled, n: int) -> str:
              f"attention heads: {kernel_plan.num_heads} ({compiled.pattern.combine}); block {kernel_plan.block}; "
              f"{'causal' if kernel_plan.causal else 'bidirectional'}", ""]
     for mask in kernel_plan.masks:
-        heads = [h for h, m in enumerate(kernel_plan.head_masks) if m == mask.index]
+        heads = [kernel_plan.set_heads[s] for s, m in enumerate(kernel_plan.head_masks) if m == mask.index]
         counts = layouts[heads[0]].counts()
         total = sum(counts.values())
         lines.append(f"mask {mask.index} ({' | '.join(mask.heads)}), heads {heads}")
@@ -162,6 +162,16 @@ def compile_report(compiled: Compiled, n: int) -> str:
         lines.append(f"  tiles at n={n} (natural order): {counts['full']} full, {counts['partial']} partial, "
                      f"{counts['empty']} empty of {total} ({(counts['full'] + counts['partial']) / total:.2%} "
                      f"computed)")
+    for call in kernel_plan.hashed_calls:
+        lines.append(f"hashed ({call.group}), heads {list(call.heads)}: Reformer LSH attention, {call.buckets} "
+                     f"buckets, {call.rounds} rounds, chunk {call.chunk}, "
+                     f"{'shared' if call.shared_qk else 'separate'} query/key hashing; buffer {call.name}")
+        lines.append(f"  expected keys per query: {call.rounds} rounds x 2 chunks of {call.chunk} = "
+                     f"{2 * call.rounds * call.chunk} at most (pairs depend on the data)")
+    for call in kernel_plan.kernel_calls:
+        features = f", {call.features} features (buffer {call.name})" if call.feature_map == "favor" else ""
+        lines.append(f"kernel ({call.group}), heads {list(call.heads)}: linear attention, phi = "
+                     f"{call.feature_map}{features}, eps = {call.eps!r}; O(n d^2) work, never n x n")
     if kernel_plan.runtime_params:
         lines += ["", "runtime parameters (kernel arguments, recomputed per n; never a recompile):"]
         lines += [f"  {name} = {source}" for name, source in kernel_plan.runtime_params]
