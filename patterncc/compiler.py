@@ -125,19 +125,20 @@ def load_module(text_or_path, pattern: str | None = None, layer: int = 0, **para
 
 
 def load(text_or_path, pattern: str | None = None, layer: int = 0, scale: float | None = None,
-         backend: str = "auto", **params):
+         backend: str = "auto", head_dim: int | None = None, **params):
     """A `.attn` pattern as a torch.nn.Module: `patterncc.load("fixed.attn", l=64)(q, k, v)`.
 
     q: (batch, heads, n, head_dim); k, v: (batch, kv_heads, n, head_dim) with kv_heads dividing heads; heads a
     multiple of the pattern's head count. `layer` picks the head group for `combine interleaved` patterns;
     `scale` defaults to 1/sqrt(head_dim); `backend` is "auto" (Triton on CUDA, block-sparse torch on CPU),
-    "triton" or "torch". Compiled modules are cached (PATTERNCC_CACHE_DIR, default ~/.cache/patterncc).
+    "triton" or "torch". `head_dim` draws the random buffers of hashed and FAVOR+ heads at once (otherwise at the
+    first call). Compiled modules are cached (PATTERNCC_CACHE_DIR, default ~/.cache/patterncc).
     """
     module = load_module(text_or_path, pattern=pattern, layer=layer, **params)
     cls = next(getattr(module, name) for name in dir(module)
                if isinstance(getattr(module, name), type) and getattr(getattr(module, name), "__module__", "") ==
                module.__name__ and hasattr(getattr(module, name), "num_heads"))
-    return cls(scale=scale, backend=backend)
+    return cls(scale=scale, backend=backend, head_dim=head_dim)
 
 
 def compile_report(compiled: Compiled, n: int) -> str:
