@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up from nothing and run something:
-#   bash scripts/dev.sh demo           check and draw every example (pictures in out/), compile the set-head
-#                                      examples into out/kernels/ and run one on the CPU
+#   bash scripts/dev.sh demo           check and draw every example (pictures in out/), compile every example
+#                                      into out/kernels/ and run two on the CPU
 #   bash scripts/dev.sh test [ARGS]    run the tests (ARGS go to pytest)
 #
 # Setup: a virtual environment in .venv, torch only when it is missing (pinned to the CPU wheel: an unpinned
@@ -59,14 +59,13 @@ demo() {
         "$VENV/bin/patterncc" show "$file" --n 1024 --grid 32 -o "out/$name.png"
     done
     say "pictures are in out/"
-    # Set heads compile to block-sparse kernels; hashed (reformer) and kernel (linear, hybrid) heads are lowered
-    # by their own kernels, not yet in this version.
-    for name in strided fixed local bigbird dilated; do
-        say "patterncc compile examples/$name.attn -o out/kernels"
-        "$VENV/bin/patterncc" compile "examples/$name.attn" -o out/kernels
+    for file in examples/*.attn; do
+        say "patterncc compile $file -o out/kernels"
+        "$VENV/bin/patterncc" compile "$file" -o out/kernels
     done
-    say "running out/kernels/strided.py on the CPU"
+    say "running out/kernels/strided.py and out/kernels/hybrid.py on the CPU"
     "$PY" examples/run_on_cpu.py out/kernels/strided.py examples/strided.attn --n 2048
+    "$PY" examples/run_on_cpu.py out/kernels/hybrid.py examples/hybrid.attn --n 2048
 }
 
 run_tests() {

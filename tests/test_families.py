@@ -13,43 +13,7 @@ from conftest import EXAMPLES_DIR
 from kernel_support import build, make_inputs
 
 import patterncc
-from patterncc.reference import masked_attention
-from patterncc.reference_linear import linear_reference
-from patterncc.reference_lsh import lsh_reference
-
-
-def family_reference(module, pattern, q, k, v, buffers, scale, layer=0):
-    """Each attention head through its own family's float64 reference, in q's head order."""
-    q, k, v = q.double(), k.double(), v.double()
-    heads, n = q.shape[1], q.shape[2]
-    repeat = heads // module.NUM_HEADS
-    k = k.repeat_interleave(heads // k.shape[1], dim=1)
-    v = v.repeat_interleave(heads // v.shape[1], dim=1)
-    mask = pattern.mask(n, layer=layer)
-    outputs = [None] * heads
-
-    def q_heads(pattern_heads):
-        return [h * repeat + r for h in pattern_heads for r in range(repeat)]
-
-    set_heads = [h for h, family in enumerate(module.HEAD_FAMILIES) if family == "set"]
-    for head in q_heads(set_heads):
-        part = masked_attention(q[:, [head]], k[:, [head]], v[:, [head]], mask[[head // repeat]], scale)
-        outputs[head] = part
-    for name, pattern_heads, _, _, _, _, chunk, shared_qk in getattr(module, "HASHED_CALLS", []):
-        index = q_heads(pattern_heads)
-        rotations = buffers[name].double().repeat_interleave(repeat, dim=0)
-        part = lsh_reference(q[:, index], k[:, index], v[:, index], rotations, chunk, module.CAUSAL, shared_qk,
-                             scale)
-        for slot, head in enumerate(index):
-            outputs[head] = part[:, [slot]]
-    for name, pattern_heads, _, _, feature_map, _, eps in getattr(module, "KERNEL_CALLS", []):
-        index = q_heads(pattern_heads)
-        projection = buffers[name].double().repeat_interleave(repeat, dim=0) if feature_map == "favor" else None
-        part = linear_reference(q[:, index], k[:, index], v[:, index], feature_map, eps, module.CAUSAL, projection)
-        for slot, head in enumerate(index):
-            outputs[head] = part[:, [slot]]
-    assert all(o is not None for o in outputs)
-    return torch.cat(outputs, dim=1)
+from patterncc.reference import module_reference
 
 
 def assert_rms_close(name, got, want, ratio):
@@ -68,7 +32,7 @@ def run_both(module, pattern, n, dim, dtype, backend, head_multiple=1, kv_diviso
     tested, golden = {}, {}
     for result, fn, cast in ((tested, lambda a, b, c: module.attention(a, b, c, backend=backend, buffers=buffers),
                               dtype),
-                             (golden, lambda a, b, c: family_reference(module, pattern, a, b, c, buffers, scale,
+                             (golden, lambda a, b, c: module_reference(module, pattern, a, b, c, buffers, scale,
                                                                        layer), torch.float64)):
         a, b, c = (x.detach().to(cast).requires_grad_() for x in (q, k, v))
         out = fn(a, b, c)
