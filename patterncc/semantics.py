@@ -514,7 +514,12 @@ def override_params(pattern: ir.Pattern, overrides: Mapping[str, int]) -> ir.Pat
                                     filename=pattern.filename)
     if not overrides:
         return pattern
-    params = tuple(ir.Param(p.name, ir.Const(overrides[p.name])) if p.name in overrides else p
+    def literal(value: int) -> ir.Expr:
+        # As the parser reads `-2` (negation of a literal), so an overridden pattern re-printed by
+        # `format_pattern` parses back to an equal IR.
+        return ir.Const(value) if value >= 0 else ir.Neg(ir.Const(-value))
+
+    params = tuple(ir.Param(p.name, literal(overrides[p.name])) if p.name in overrides else p
                    for p in pattern.params)
     out = dataclasses.replace(pattern, params=params)
     _check_values(out, n=None)

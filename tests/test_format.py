@@ -34,6 +34,11 @@ def test_overridden_parameters_round_trip(examples_dir: Path):
     assert text.startswith("pattern fixed(l = 64, c = 8) {")
 
 
+def test_negative_override_round_trips():
+    pattern = patterncc.parse("pattern p(a = 3) { head x = local(a + 5) }", a=-2)
+    assert patterncc.parse(format_pattern(pattern)) == pattern
+
+
 def test_canonical_text(examples_dir: Path):
     assert format_pattern(patterncc.parse(examples_dir / "strided.attn")) == (
         "pattern strided(l = 128) {\n"
