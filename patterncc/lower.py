@@ -361,7 +361,8 @@ def render(kernel_plan: KernelPlan) -> str:
     context = dict(
         plan=kernel_plan, masks=masks, hashed=hashed, kernel=kernel, buffer_names=repr(tuple(buffer_names)),
         has_favor=bool(favor), linear_aot=linear_aot,
-        lsh_aot=sorted({(c.rounds, c.shared_qk) for c in kernel_plan.hashed_calls}), head_summary=_head_summary(kernel_plan), version=__version__, torch_version=torch.__version__,
+        lsh_aot=sorted({(c.rounds, c.shared_qk) for c in kernel_plan.hashed_calls}),
+        head_summary=_head_summary(kernel_plan), version=__version__, torch_version=torch.__version__,
         triton_version=triton_version, source_lines=source_lines, filename=repr(str(pattern.filename)),
         unpack_params=(f"({', '.join(f'P_{name}' for name, _ in kernel_plan.runtime_params)},) = runtime_params(n)"
                        if kernel_plan.runtime_params else None),

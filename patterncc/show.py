@@ -347,7 +347,8 @@ def _draw_pairs(ax, bound: ir.Bound, p: _Panel, query: int | None, masks: dict) 
     image, k = _pool(mask, _PIXELS)
     # Square-root shading keeps one lit pair in an averaged k x k cell visible.
     norm = PowerNorm(gamma=0.5, vmin=0, vmax=1) if k > 1 else Normalize(vmin=0, vmax=1)
-    ax.imshow(image.numpy(), cmap=_shaded(p.color), norm=norm, extent=(0, k * image.shape[1], k * image.shape[0], 0), interpolation="nearest")
+    ax.imshow(image.numpy(), cmap=_shaded(p.color), norm=norm, extent=(0, k * image.shape[1], k * image.shape[0], 0),
+              interpolation="nearest")
     _block_lines(ax, bound, query)
     pooled = f"; pixel = {k}x{k} pairs" if k > 1 else ""
     _style(ax, n, f"{p.label}\n{p.detail}\n{_density(bound, int(mask.sum()))}{pooled}")

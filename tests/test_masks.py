@@ -229,7 +229,8 @@ def test_multihead_keeps_declaration_order():
 
 
 def test_merged_gives_every_head_the_union():
-    pattern = patterncc.parse("pattern p() { causal\n combine merged\n head a = chunk(8)\n head b[2] = summary(8, 1 + h) }")
+    pattern = patterncc.parse(
+        "pattern p() { causal\n combine merged\n head a = chunk(8)\n head b[2] = summary(8, 1 + h) }")
     masks = pattern.mask(40)
     union = brute(40, lambda i, j: _chunk(8)(i, j) or _summary(8, 2)(i, j), causal=True)
     assert masks.shape == (3, 40, 40)
