@@ -205,8 +205,10 @@ def parse_target(target: str) -> int:
 
 
 def aot_compile(module, capability: int, dtypes=("fp16", "bf16", "fp32"),
-                head_dims=(16, 32, 64, 128)) -> list[KernelReport]:
-    """Compile every kernel of a generated module to PTX and cubin for `capability`, and read ptxas's report."""
+                head_dims=(16, 32, 64, 128), specs=None) -> list[KernelReport]:
+    """Compile every kernel of a generated module to PTX and cubin for `capability`, and read ptxas's report.
+    `specs(dtype, head_dim)` lists the kernels (default: the module's `aot_specs`; a family's own, e.g.
+    `module.linear_aot_specs`, covers variants the pattern does not use)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -215,7 +217,7 @@ def aot_compile(module, capability: int, dtypes=("fp16", "bf16", "fp32"),
     reports = []
     for dtype in dtypes:
         for head_dim in head_dims:
-            for name, kernel, signature, configs in module.aot_specs(dtype, head_dim):
+            for name, kernel, signature, configs in (specs or module.aot_specs)(dtype, head_dim):
                 # As the module does on a GPU: the first config of the chain that does not spill.
                 for tried, (constexprs, options) in enumerate(configs, start=1):
                     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)

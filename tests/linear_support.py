@@ -1,53 +1,21 @@
-"""Shared helpers for the kernel-head (linear attention) tests: build a module holding the two template sections
-the way a generated module includes them, and compare against the float64 reference."""
+"""Shared helpers for the kernel-head (linear attention) tests: a generated module holding the kernel-head
+sections, and comparisons against the float64 reference."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import torch
+from kernel_support import build
 
-from patterncc.compiler import import_file
-from patterncc.lower import _environment
+import patterncc
 from patterncc.reference_linear import linear_reference
-
-# The layout of a generated module (templates/module.py.jinja): imports, the Triton section indented under
-# `if triton is not None:`, the shared launcher, then the torch section at module level.
-HARNESS = """\
-import contextlib
-import math
-import os
-import warnings
-
-import torch
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
-if triton is not None:
-{% filter indent(4, first=True) %}
-{% include "linear_triton.py.jinja" %}
-{% endfilter %}
-
-{% include "launch.py.jinja" %}
-
-{% include "linear_heads.py.jinja" %}
-"""
-
-
-def linear_source() -> str:
-    return _environment().from_string(HARNESS).render()
 
 
 def build_linear_module(folder: Path):
-    """Render, write and import a module with the kernel-head sections (the one place that builds it)."""
-    path = folder / f"linear_heads_{uuid.uuid4().hex[:8]}.py"
-    path.write_text(linear_source())
-    return import_file(path, f"patterncc_test_{path.stem}")
+    """A module generated from a pattern with one kernel head: it holds the kernel-head sections exactly as
+    every generated module does (their functions take the feature map and causality as arguments)."""
+    return build(patterncc.parse("pattern linear_sections() { head a = kernel(elu1) }"), folder)
 
 
 def make_inputs(batch, heads, n, dim, dtype, seed=0, scale=1.0):

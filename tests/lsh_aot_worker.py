@@ -14,31 +14,17 @@ VARIANTS = {"R4-causal-shared": (4, True, True), "R1-bidir-qk": (1, False, False
 
 
 def main(capability: int) -> None:
-    import triton
     from lsh_support import build_module
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    from patterncc.compiler import ptxas_stats
+    from patterncc.compiler import aot_compile
 
     module = build_module()
-    target = GPUTarget("cuda", capability, 32)
     for variant, (rounds, causal, shared_qk) in VARIANTS.items():
-        for dtype in ("fp16", "bf16", "fp32"):
-            for head_dim in (16, 32, 64, 128):
-                for name, kernel, signature, configs in module.lsh_aot_specs(dtype, head_dim, rounds, causal,
-                                                                              shared_qk):
-                    for tried, (constexprs, options) in enumerate(configs, start=1):
-                        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-                        compiled = triton.compile(source, target=target, options=options)
-                        stats = ptxas_stats(compiled.asm["ptx"], capability)
-                        if not (stats["spill_stores"] or stats["spill_loads"]):
-                            break
-                    config = (constexprs["BLOCK_M"], constexprs["BLOCK_N"], options["num_warps"],
-                              options["num_stages"])
-                    print(json.dumps(dict(kernel=name, dtype=dtype, head_dim=head_dim, target=f"sm_{capability}",
-                                          variant=variant, config=config, configs_tried=tried,
-                                          shared_bytes=compiled.metadata.shared, **stats)), flush=True)
+        def specs(dtype, head_dim, rounds=rounds, causal=causal, shared_qk=shared_qk):
+            return module.lsh_aot_specs(dtype, head_dim, rounds, causal, shared_qk)
+
+        for report in aot_compile(module, capability, specs=specs):
+            print(json.dumps(dict(report.__dict__, variant=variant)), flush=True)
 
 
 if __name__ == "__main__":
