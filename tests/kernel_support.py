@@ -11,7 +11,7 @@ import torch
 
 import patterncc
 from patterncc.compiler import compile_pattern, import_file
-from patterncc.reference import masked_attention
+from patterncc.reference import masked_attention, module_reference
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 
@@ -70,3 +70,30 @@ def check_against_reference(module, pattern, n, dim, dtype=torch.float32, backen
         bound = factor * eager_err + 1e-7
         assert kernel_err <= bound, (f"{name}: max error {kernel_err:.3e} exceeds {factor} x eager "
                                      f"{dtype} error {eager_err:.3e} (n={n}, d={dim}, backend={backend})")
+
+
+def assert_rms_close(name, got, want, ratio):
+    """RMS of the error relative to the RMS of the float64 result (flash-linear-attention's check)."""
+    if want is None:  # an input no head reads (k when every head hashes with shared_qk)
+        assert got is None or not got.any(), f"{name}: gradient of an input no head reads"
+        return
+    assert got is not None, f"{name}: no gradient"
+    assert not torch.isnan(got).any(), f"{name}: NaN"
+    error = (got.double() - want).pow(2).mean().sqrt().item()
+    scale = want.pow(2).mean().sqrt().item() + 1e-12
+    assert error <= ratio * scale, f"{name}: RMS error {error:.3e} > {ratio} x RMS {scale:.3e}"
+
+
+def family_results(module, pattern, n, dim, dtype, backend, head_multiple=1, kv_divisor=1, layer=0,
+                   device="cpu"):
+    """(tested, golden): output and q/k/v gradients of a generated module (any head families) and of
+    `module_reference` in float64, from the same inputs and the module's seeded buffers."""
+    heads = module.NUM_HEADS * head_multiple
+    q, k, v, grad = make_inputs(2, heads, heads // kv_divisor, n, dim, dtype, device=device)
+    scale = 1.0 / math.sqrt(dim)
+    buffers = {name: value.to(device) for name, value in module.default_buffers(dim).items()}
+    tested = _forward_backward(lambda a, b, c: module.attention(a, b, c, backend=backend, buffers=buffers), q, k,
+                               v, grad)
+    golden = _forward_backward(lambda a, b, c: module_reference(module, pattern, a, b, c, buffers, scale, layer),
+                               q.double(), k.double(), v.double(), grad.double())
+    return tested, golden

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 from conftest import EXAMPLES_DIR
-from kernel_support import build, check_against_reference
+from kernel_support import assert_rms_close, build, check_against_reference, family_results
 
 import patterncc
 
@@ -61,26 +61,10 @@ FAMILY_RMS = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 @pytest.mark.parametrize("name", [c[0] for c in FAMILY_CASES])
 def test_family_kernels_on_gpu(tmp_path, name, dim, dtype):
     """Hashed and kernel heads (alone and mixed with set heads) against their float64 references."""
-    from kernel_support import make_inputs
-
-    from patterncc.reference import module_reference
-
     params = dict(FAMILY_CASES)[name]
     pattern = patterncc.parse(EXAMPLES_DIR / f"{name}.attn", **params)
     module = build(pattern, tmp_path)
-    heads = module.NUM_HEADS * 2
-    q, k, v, grad = make_inputs(2, heads, heads // 2, 1000, dim, dtype, device="cuda")
-    buffers = {key: value.cuda() for key, value in module.default_buffers(dim).items()}
-    results = []
-    for fn, cast in ((lambda a, b, c: module.attention(a, b, c, backend="triton", buffers=buffers), dtype),
-                     (lambda a, b, c: module_reference(module, pattern, a, b, c, buffers), torch.float64)):
-        a, b, c = (x.detach().to(cast).requires_grad_() for x in (q, k, v))
-        out = fn(a, b, c)
-        out.backward(grad.to(out.dtype))
-        results.append(dict(out=out.detach(), dq=a.grad, dk=b.grad, dv=c.grad))
+    tested, golden = family_results(module, pattern, 1000, dim, dtype, "triton", head_multiple=2, kv_divisor=2,
+                                    device="cuda")
     for key in ("out", "dq", "dk", "dv"):
-        got, want = results[0][key].double(), results[1][key]
-        assert not torch.isnan(got).any(), f"{name} {key}: NaN"
-        error = (got - want).pow(2).mean().sqrt().item()
-        scale = want.pow(2).mean().sqrt().item() + 1e-12
-        assert error <= FAMILY_RMS[dtype] * scale, f"{name} {key}: RMS error {error:.3e} vs RMS {scale:.3e}"
+        assert_rms_close(f"{name} {key}", tested[key], golden[key], FAMILY_RMS[dtype])
