@@ -45,13 +45,25 @@ def test_triton_matches_reference(lin, feature_map, causal, n, dim):
 @needs_interpreter
 @pytest.mark.parametrize("feature_map", MAPS)
 def test_triton_smallest_tiles(lin, feature_map):
-    """16-row chunks and 16 value columns per program: several chunks and several partial dq / dk blocks."""
+    """16-row chunks, 16 value columns per program and (the scans) 16 features per program: several chunks,
+    several partial dq / dk blocks and several scan programs per head."""
     lin.CONFIG_OVERRIDE.update({name: (16, 16, 4, 2) for name in lin._LINEAR_KERNELS})
     try:
         for causal in (True, False):
             check_linear(lin, feature_map, causal, 45, 32, backend="triton", batch=2)
     finally:
         lin.CONFIG_OVERRIDE.clear()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("feature_map", MAPS)
+def test_triton_fp16(lin, feature_map):
+    """16-bit inputs (products in fp16, float32 accumulation), over three 64-row chunks: within 10x the error of
+    the reference computed in fp16, plus 1e-3 (below fp16's resolution at 1). Not bf16: the interpreter's tl.dot
+    on bf16 operands returns garbage (Triton 3.9, even for loaded bf16 tiles); bf16 is compiled ahead of time here
+    and run on a GPU by tests/gpu."""
+    for causal in (True, False):
+        check_linear(lin, feature_map, causal, 150, 32, dtype=torch.float16, backend="triton")
 
 
 TORCH_CASES = [(fm, causal, n, dim) for fm in MAPS for causal in (True, False)
@@ -181,19 +193,35 @@ def test_bad_arguments(lin, change, message):
 
 
 def test_config_chains(lin):
-    """Every chain starts with its default, shrinks, never uses num_stages=1, and the backward kernels keep one
-    BLOCK_N (the launcher sizes the partial-gradient buffers by it)."""
-    for name in lin._LINEAR_KERNELS:
-        for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            for dim in (16, 32, 64, 128):
-                for causal in (False, True):
-                    chain = lin.linear_config_chain(name, dtype, dim, 64, causal)
-                    if not causal:
-                        default = lin._LINEAR_DEFAULTS[(name, dtype != torch.float32, max(dim, 64) <= 64)]
-                        assert chain[0][:1] + chain[0][2:] == default[:1] + default[2:], chain
-                    assert all(c[3] >= 2 and dim % c[1] == 0 and c[0] >= 16 and c[1] >= 16 for c in chain), chain
-                    if name in ("linear_bwd_dq", "linear_bwd_dkdv"):
-                        assert len({c[1] for c in chain}) == 1, f"{name}: BLOCK_N changes along {chain}"
+    """The chunked kernels of a call share one chunk (BLOCK_M: the states are stored per chunk); the scans' BLOCK_M
+    is a feature block; every BLOCK_N divides head_dim; no num_stages=1; dq and dk/dv keep one BLOCK_N (the
+    launcher sizes the partial-gradient buffers by it)."""
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for dim in (16, 32, 64, 128):
+            for feats in (dim, 16, 256):
+                chunk = lin.linear_chunk(dtype, dim, feats)
+                assert chunk in (16, 32, 64)
+                for name in lin._LINEAR_KERNELS:
+                    for causal in (False, True):
+                        chain = lin.linear_config_chain(name, dtype, dim, feats, causal)
+                        rows = min(64, feats) if name in lin._LINEAR_SCANS else chunk
+                        assert chain and all(c[0] == rows for c in chain), (name, chain)
+                        assert all(c[3] >= 2 and dim % c[1] == 0 and c[1] >= 16 for c in chain), (name, chain)
+                        assert len(set(chain)) == len(chain), (name, chain)
+                        if name in ("linear_bwd_dq", "linear_bwd_dkdv"):
+                            assert len({c[1] for c in chain}) == 1, f"{name}: BLOCK_N changes along {chain}"
+
+
+def test_chunk_follows_config_override(lin):
+    """CONFIG_OVERRIDE sets the chunk through the chunked kernels' BLOCK_M, which must agree."""
+    try:
+        lin.CONFIG_OVERRIDE.update({"linear_fwd": (16, 16, 4, 2), "linear_scan": (32, 16, 4, 2)})
+        assert lin.linear_chunk(torch.float16, 64) == 16
+        lin.CONFIG_OVERRIDE["linear_bwd_dq"] = (32, 16, 4, 2)
+        with pytest.raises(ValueError, match="different chunks"):
+            lin.linear_chunk(torch.float16, 64)
+    finally:
+        lin.CONFIG_OVERRIDE.clear()
 
 
 # Ahead-of-time compilation -------------------------------------------------------------------------------------
