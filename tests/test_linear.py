@@ -192,6 +192,15 @@ def test_bad_arguments(lin, change, message):
         lin.linear_attention(**args)
 
 
+def test_too_many_chunks_is_a_clear_error(lin):
+    """The chunks index the grid's second dimension (at most 65535 on CUDA): longer inputs are refused before any
+    launch, with the limit in the message."""
+    n = 65535 * 16 + 1
+    q = torch.zeros(1, 1, n, 16)
+    with pytest.raises(ValueError, match="at most 65535 chunks of 16 rows"):
+        lin.linear_attention(q, q, q, "elu1", 1e-6, True, backend="triton")
+
+
 def test_config_chains(lin):
     """The chunked kernels of a call share one chunk (BLOCK_M: the states are stored per chunk); the scans' BLOCK_M
     is a feature block; every BLOCK_N divides head_dim; no num_stages=1; dq and dk/dv keep one BLOCK_N (the
