@@ -66,6 +66,29 @@ def test_triton_fp16(lin, feature_map):
         check_linear(lin, feature_map, causal, 150, 32, dtype=torch.float16, backend="triton")
 
 
+@needs_interpreter
+@pytest.mark.parametrize("feature_map", MAPS)
+def test_triton_saves_only_n_by_d_for_backward(lin, feature_map):
+    """Autograd keeps q, k, v, the output, two floats per row (den, favor's M) and W: O(n d). The per-chunk states
+    (n / chunk x F x d floats, 4 n d at chunk 16, F = d = 16 here) are recomputed in the backward pass."""
+    batch, heads, n, dim = 1, 2, 130, 16
+    q, k, v, _ = make_inputs(batch, heads, n, dim, torch.float32)
+    projection = lin.linear_favor_projection(heads, 16, dim, seed=0) if feature_map == "favor" else None
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        lin.linear_attention(q, k, v, feature_map, 1e-6, True, projection, backend="triton")
+    rows = batch * heads * n
+    w_bytes = projection.numel() * 4 if projection is not None else 4
+    allowed = 4 * rows * dim * 4 + 2 * rows * 4 + w_bytes
+    assert saved and sum(saved) <= allowed, f"saved for backward: {sum(saved)} bytes, O(n d) allows {allowed}"
+
+
 TORCH_CASES = [(fm, causal, n, dim) for fm in MAPS for causal in (True, False)
                for n, dim in ((1, 16), (37, 32), (150, 64))]
 
@@ -199,6 +222,36 @@ def test_too_many_chunks_is_a_clear_error(lin):
     q = torch.zeros(1, 1, n, 16)
     with pytest.raises(ValueError, match="at most 65535 chunks of 16 rows"):
         lin.linear_attention(q, q, q, "elu1", 1e-6, True, backend="triton")
+
+
+def test_launch_times_candidates_only_when_there_is_a_choice(lin, monkeypatch):
+    """On CUDA, _launch times candidate configs by rerunning the kernel on the call's own arguments. A call with no
+    candidates (the linear kernels: the scans update their states in place, so a rerun corrupts them) must run
+    its kernel exactly once; a call with candidates times each spill-free one and then runs the fastest."""
+
+    class CudaTensor:  # what _launch reads of q
+        is_cuda, dtype, shape = True, torch.float16, (1, 2, 64, 32)
+
+    runs, timed = [], []
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(lin, "_SPILL_FREE", {})
+    monkeypatch.setattr(lin, "_CHOSEN", {})
+    monkeypatch.setattr(lin, "_compiles_without_spills", lambda kernel, grid, args, constexprs, config: True)
+    monkeypatch.setattr(lin, "_run", lambda kernel, grid, args, constexprs, config: runs.append(config))
+    speed = {(32, 32, 8, 2): 2.0, (64, 32, 8, 2): 1.0}
+
+    def do_bench(fn, **options):
+        timed.append(1)
+        fn()
+        return speed[runs[-1]]
+
+    monkeypatch.setattr(lin.triton.testing, "do_bench", do_bench)
+    chain = [(32, 32, 8, 2), (16, 32, 4, 2)]
+    lin._launch("no_choice", None, None, (), {}, CudaTensor(), chain)
+    assert runs == [chain[0]] and not timed, f"ran {runs}, timed {len(timed)} times: expected one plain run"
+    runs.clear()
+    lin._launch("choice", None, None, (), {}, CudaTensor(), chain, candidates=[(32, 32, 8, 2), (64, 32, 8, 2)])
+    assert len(timed) == 2 and runs[-1] == (64, 32, 8, 2), f"ran {runs}: expected the faster candidate last"
 
 
 def test_config_chains(lin):
