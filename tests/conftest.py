@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # Triton decides interpreter vs compiler when each @triton.jit function (its standard library's included) is
 # decorated, i.e. when triton is first imported, before torch can import it: so set the mode here, first.
@@ -17,6 +18,9 @@ import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+# The interpreter the ahead-of-time compilation workers run under: this one, or PATTERNCC_AOT_PYTHON, e.g. a
+# virtual environment holding another Triton release (the GPU machines run Triton 3.6; this one may be newer).
+AOT_PYTHON = os.environ.get("PATTERNCC_AOT_PYTHON", sys.executable)
 EXAMPLES_DIR = ROOT / "examples"
 EXAMPLE_FILES = sorted(EXAMPLES_DIR.glob("*.attn"))
 

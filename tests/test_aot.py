@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES_DIR
+from conftest import AOT_PYTHON, EXAMPLES_DIR
 
 # Families lowered by block-sparse kernels; hashed and kernel heads get their own kernels in later issues.
 SET_EXAMPLES = ["strided", "fixed", "local", "bigbird", "dilated"]
@@ -25,7 +24,7 @@ def reports():
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), env.get("PYTHONPATH", "")])
 
     def run(name):
-        result = subprocess.run([sys.executable, str(WORKER), str(EXAMPLES_DIR / f"{name}.attn"), "90", "80"],
+        result = subprocess.run([AOT_PYTHON, str(WORKER), str(EXAMPLES_DIR / f"{name}.attn"), "90", "80"],
                                 capture_output=True, text=True, env=env, timeout=1500)
         assert result.returncode == 0, f"{name}: ahead-of-time compilation failed:\n{result.stderr[-4000:]}"
         return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]

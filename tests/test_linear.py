@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import AOT_PYTHON
 from linear_support import build_linear_module, check_linear, make_inputs
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # conftest.py sets it before triton is imported
@@ -303,7 +303,7 @@ def aot_reports():
                                          env.get("PYTHONPATH", "")])
 
     def run(capability):
-        result = subprocess.run([sys.executable, str(WORKER), str(capability), ",".join(AOT_DTYPES),
+        result = subprocess.run([AOT_PYTHON, str(WORKER), str(capability), ",".join(AOT_DTYPES),
                                  ",".join(map(str, AOT_HEAD_DIMS))], capture_output=True, text=True, env=env,
                                 timeout=3000, check=False)
         assert result.returncode == 0, f"sm_{capability}: ahead-of-time compilation failed:\n{result.stderr[-4000:]}"

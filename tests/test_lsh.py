@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import AOT_PYTHON
 from kernel_support import INTERPRETING
 from lsh_support import build_module
 
@@ -249,7 +249,7 @@ def aot_reports():
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent),
                                          env.get("PYTHONPATH", "")])
     # Two processes, one per target: this machine has two cores.
-    runs = [subprocess.Popen([sys.executable, str(AOT_WORKER), capability], stdout=subprocess.PIPE,
+    runs = [subprocess.Popen([AOT_PYTHON, str(AOT_WORKER), capability], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env) for capability in ("90", "80")]
     reports = []
     for run in runs:
