@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from common import EXAMPLES, PATTERNS, forward_backward  # noqa: E402 (bench/ is on sys.path)
 
 import patterncc  # noqa: E402
-from patterncc.compiler import load_module  # noqa: E402
+from patterncc.cache import load_module  # noqa: E402
+from patterncc.mask import pattern_mask  # noqa: E402
+from patterncc.semantics import bind_pattern  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -43,13 +45,13 @@ def flex_forward(pattern, n, heads, q, k, v):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
         return None
-    masks = pattern.mask(n)  # (pattern heads, n, n): the formula, evaluated once
+    masks = pattern_mask(pattern, n)  # (pattern heads, n, n): the formula, evaluated once
     mask_per_head = masks.repeat_interleave(heads // masks.shape[0], dim=0)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return mask_per_head[h, q_idx, kv_idx]
 
-    block = pattern.bind(n).block
+    block = bind_pattern(pattern, n).block
     block_mask = create_block_mask(mask_mod, B=None, H=heads, Q_LEN=n, KV_LEN=n, device="cpu", BLOCK_SIZE=block)
     compiled = torch.compile(flex_attention)
     return lambda: compiled(q, k, v, block_mask=block_mask)
@@ -77,7 +79,7 @@ def main() -> None:
         module = load_module(EXAMPLES / file, **params)
         ours = module.__dict__[next(name for name in dir(module) if isinstance(getattr(module, name), type)
                                     and issubclass(getattr(module, name), torch.nn.Module))](backend="torch")
-        mask = pattern.mask(n).repeat_interleave(heads // pattern.bind(n).num_heads, dim=0)[None]
+        mask = pattern_mask(pattern, n).repeat_interleave(heads // bind_pattern(pattern, n).num_heads, dim=0)[None]
         row = {"pattern": label}
         with console.status(f"{label}: patterncc"):
             row["patterncc_fwd"] = median_seconds(lambda: ours(q, k, v), args.repeats)

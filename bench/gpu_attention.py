@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from common import EXAMPLES, PATTERNS, forward_backward  # noqa: E402 (bench/ is on sys.path)
 
-from patterncc.compiler import load_module  # noqa: E402
+from patterncc.cache import load_module  # noqa: E402
 
 
 def bench_ms(fn) -> float:

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import patterncc  # noqa: E402
-from patterncc.compiler import compile_pattern, import_file  # noqa: E402
+from patterncc.cache import import_file  # noqa: E402
+from patterncc.driver import compile_pattern  # noqa: E402
 
 SET_EXAMPLES = ["strided", "fixed", "local", "bigbird", "dilated"]
 
@@ -41,13 +42,13 @@ def main() -> None:
         path = folder / f"{compiled.module_name}.py"
         path.write_text(compiled.source)
         module = import_file(path, f"bench_{compiled.module_name}")
-        module.Layout(256, "cpu")  # first-call imports
+        module.Layout(256, "cpu", module.PATTERN_MASKS)  # first-call imports
         cells, layout = [], None
         for n in args.n:
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
-                layout = module.Layout(n, "cpu")
+                layout = module.Layout(n, "cpu", module.PATTERN_MASKS)  # uncached: get_layout caches per n
                 times.append(time.perf_counter() - start)
             cells.append(f"{statistics.median(times):.3f}")
         orders = ", ".join("natural" if p is None else "transposed" for p in layout.positions_cpu)

@@ -50,7 +50,7 @@ def main() -> None:
     import patterncc
     from patterncc.reference import module_reference
 
-    buffers = {name: getattr(attn, name) for name in module.BUFFERS}
+    buffers = {name: getattr(attn, name) for name in getattr(module, "BUFFERS", ())}
     expected = module_reference(module, patterncc.parse(args.pattern), q.detach(), k.detach(), v.detach(), buffers)
     error = (out.detach().double() - expected).abs().max().item()
     print(f"max |out - dense reference (float64)| = {error:.2e}")

@@ -36,3 +36,22 @@ def parse(text_or_path: str | Path, pattern: str | None = None, **params: int) -
     else:
         raise PatternUsageError(f"no pattern named `{pattern}`; this file defines {', '.join(patterns)}")
     return override_params(chosen, params)
+
+
+def load(text_or_path: str | Path, pattern: str | None = None, layer: int = 0, scale: float | None = None,
+         backend: str = "auto", head_dim: int | None = None, **params: int):
+    """A `.attn` pattern as a torch.nn.Module: `patterncc.load("fixed.attn", l=64)(q, k, v)`.
+
+    q: (batch, heads, n, head_dim); k, v: (batch, kv_heads, n, head_dim) with kv_heads dividing heads; heads a
+    multiple of the pattern's head count. `layer` picks the head group for `combine interleaved` patterns;
+    `scale` defaults to 1/sqrt(head_dim); `backend` is "auto" (Triton on CUDA, block-sparse torch on CPU),
+    "triton" or "torch". `head_dim` draws the random buffers of hashed and FAVOR+ heads at once (otherwise at the
+    first call). Compiled modules are cached (PATTERNCC_CACHE_DIR, default ~/.cache/patterncc).
+    """
+    from .cache import load_module  # the compiler and torch load here, not with the package
+
+    module = load_module(text_or_path, pattern=pattern, layer=layer, **params)
+    cls = next(getattr(module, name) for name in dir(module)
+               if isinstance(getattr(module, name), type) and getattr(getattr(module, name), "__module__", "") ==
+               module.__name__ and hasattr(getattr(module, name), "num_heads"))
+    return cls(scale=scale, backend=backend, head_dim=head_dim)

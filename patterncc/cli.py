@@ -1,15 +1,19 @@
 """The `patterncc` command: check, show, compile.
 
 User errors (bad patterns, bad options) print a located message with no traceback and exit with status 2.
-Each subcommand's work lives in its stage's module; this file only parses options and reports errors.
+Each subcommand's work lives in its stage's modules; this file parses options, calls them and prints. Stages load
+on demand (`--help` and `--version` import neither torch nor the compiler).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .errors import PatternError, PatternUsageError, PatternWarning
@@ -81,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--asm", action="store_true", help="with --target: print registers, spills, shared memory")
     comp.add_argument("--n", type=positive_int, help="bake index lists for this sequence length")
     comp.add_argument("--layer", type=int, default=0, help="layer index, for `combine interleaved`")
+    comp.add_argument("--dump-passes", metavar="DIR",
+                      help="write each compiler pass's output (parse, plan, render, verify) to DIR")
     return parser
 
 
@@ -93,15 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _show_warning
             args.params = parse_defines(args.defines)
             if args.command == "check":
-                from .analysis.report import run_check
-
                 return run_check(args)
             if args.command == "show":
-                from .show import run_show
-
                 return run_show(args)
-            from .compiler import run_compile
-
             return run_compile(args)
     except PatternError as err:
         print(err.render(), file=sys.stderr)
@@ -109,6 +109,104 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def run_check(args) -> int:
+    """`check`: analyze every pattern of the file (or --pattern) and print the facts, or JSON with --json
+    (schema: docs/check-json.md)."""
+    from rich.console import Console
+
+    from .analysis.analyze import analyze
+    from .analysis.report import JSON_SCHEMA_VERSION, print_analysis, select_patterns
+
+    patterns = select_patterns(args.file, args.pattern, args.params or {})
+    analyses = [analyze(p, args.n, layer=args.layer, max_steps=args.max_steps) for p in patterns]
+    if args.json:
+        document = {"schema_version": JSON_SCHEMA_VERSION, "patterns": [a.to_json() for a in analyses]}
+        print(json.dumps(document, indent=2))
+        return 0
+    console = Console(width=None if sys.stdout.isatty() else 150, highlight=False)
+    for index, analysis in enumerate(analyses):
+        if index:
+            console.print()
+        print_analysis(console, analysis)
+    return 0
+
+
+def run_show(args) -> int:
+    """`show`: parse, draw, say where the picture went."""
+    from .api import parse
+    from .show import render
+
+    pattern = parse(Path(args.file), pattern=args.pattern, **args.params)
+    path = render(pattern, args.n, args.output, grid=args.grid, query=args.query, layer=args.layer)
+    print(f"wrote {path}")
+    return 0
+
+
+def run_compile(args) -> int:
+    """`compile`: generate each pattern's module; write it (-o), print it (--emit), compile it ahead of time
+    (--target, --asm), dump every pass (--dump-passes)."""
+    from rich.console import Console
+
+    from .api import parse, parse_all
+    from .cache import write_atomically
+    from .driver import compile_pattern
+    from .report import compile_report
+
+    console = Console()
+    patterns = parse_all(args.file)
+    names = [args.pattern] if args.pattern else list(patterns)
+    if args.pattern and args.pattern not in patterns:
+        raise PatternUsageError(f"no pattern named `{args.pattern}`; this file defines {', '.join(patterns)}")
+    for name in names:
+        pattern = parse(args.file, pattern=name, **args.params)
+        compiled = compile_pattern(pattern, layer=args.layer, n=args.n, params=args.params, dump=args.dump_passes)
+        if args.emit:
+            print(compiled.source)
+        if args.output:
+            path = Path(args.output) / f"{compiled.module_name}.py"
+            write_atomically(path, compiled.source)
+            report = Path(args.output) / f"{compiled.module_name}.report.txt"
+            write_atomically(report, compile_report(compiled, args.n or 4096))
+            console.print(f"wrote {path} (class {compiled.class_name}) and {report.name}", highlight=False)
+        if args.target:
+            _compile_ahead_of_time(console, name, compiled, args.target, args.asm)
+        if args.dump_passes:
+            console.print(f"{name}: wrote each pass's output to {args.dump_passes}", highlight=False)
+        if not (args.emit or args.output or args.target or args.dump_passes):
+            console.print(f"{name}: compiled {compiled.class_name} ({len(compiled.source.splitlines())} lines); "
+                          f"use -o DIR to write it, --emit to print it", highlight=False)
+    return 0
+
+
+def _compile_ahead_of_time(console, name: str, compiled, target: str, asm: bool) -> None:
+    from rich.table import Table
+
+    from .aot import aot_compile, parse_target
+    from .cache import import_file
+
+    capability = parse_target(target)
+    module_path = Path(tempfile.mkdtemp(prefix="patterncc-aot-")) / f"{compiled.module_name}.py"
+    module_path.write_text(compiled.source)
+    module = import_file(module_path, f"patterncc_aot_{compiled.module_name}_{compiled.key}")
+    with console.status(f"compiling {name} for sm_{capability}..."):
+        reports = aot_compile(module, capability)
+    if asm:
+        table = Table(title=f"{name}: sm_{capability} (ptxas -v)")
+        for column in ("kernel", "dtype", "head_dim", "tile (M, N), warps, stages", "registers", "spill stores",
+                       "spill loads", "shared bytes"):
+            table.add_column(column, justify="right" if column != "kernel" else "left")
+        for r in reports:
+            tile = f"{r.config[0]}x{r.config[1]}, {r.config[2]}, {r.config[3]}"
+            if r.configs_tried > 1:
+                tile += f" (fallback {r.configs_tried - 1})"
+            table.add_row(r.kernel, r.dtype, str(r.head_dim), tile, str(r.registers), str(r.spill_stores),
+                          str(r.spill_loads), str(r.shared_bytes))
+        console.print(table)
+    spilled = [r for r in reports if r.spill_stores or r.spill_loads]
+    console.print(f"{name}: {len(reports)} kernels compiled for sm_{capability}, {len(spilled)} with spills",
+                  highlight=False)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

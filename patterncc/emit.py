@@ -37,28 +37,28 @@ class RandomRef(ir.Expr):
 
 def fold(expr: ir.Expr) -> ir.Expr:
     """Evaluate constant subexpressions and drop `and true` / `or false`, for readable generated code."""
-    if isinstance(expr, (ir.Const, ir.Var, RandomRef)):
-        return expr
-    if isinstance(expr, ir.Neg):
-        inner = fold(expr.operand)
-        return ir.Const(-inner.value) if isinstance(inner, ir.Const) else ir.Neg(inner)
+    return ir.map_expr(expr, _simplify)
+
+
+def _simplify(expr: ir.Expr) -> ir.Expr:
+    """One node whose children are already simplified."""
+    if isinstance(expr, ir.Neg) and isinstance(expr.operand, ir.Const):
+        return ir.Const(-expr.operand.value)
     if isinstance(expr, ir.Not):
-        inner = fold(expr.operand)
+        inner = expr.operand
         if isinstance(inner, ir.Const):
             return ir.Const(not inner.value)
-        return inner.operand if isinstance(inner, ir.Not) else ir.Not(inner)
-    if isinstance(expr, ir.Call):
-        args = tuple(fold(a) for a in expr.args)
-        if all(isinstance(a, ir.Const) for a in args):
-            return ir.Const(ir.evaluate_int(ir.Call(expr.func, args), {}))
-        return ir.Call(expr.func, args)
-    assert isinstance(expr, ir.BinOp)
-    left, right = fold(expr.left), fold(expr.right)
+        return inner.operand if isinstance(inner, ir.Not) else expr
+    if isinstance(expr, ir.Call) and all(isinstance(a, ir.Const) for a in expr.args):
+        return ir.Const(ir.evaluate_int(expr, {}))
+    if not isinstance(expr, ir.BinOp):
+        return expr
+    left, right = expr.left, expr.right
     if isinstance(left, ir.Const) and isinstance(right, ir.Const):
         if not (expr.op in ("//", "%") and right.value == 0):
-            return ir.Const(ir.evaluate_int(ir.BinOp(expr.op, left, right), {}))
+            return ir.Const(ir.evaluate_int(expr, {}))
     if expr.op in ("and", "or"):
-        absorbing, identity = (False, True) if expr.op == "and" else (True, False)
+        absorbing = expr.op == "or"
         for a, b in ((left, right), (right, left)):
             if isinstance(a, ir.Const):
                 return ir.Const(absorbing) if a.value == absorbing else b
@@ -66,58 +66,68 @@ def fold(expr: ir.Expr) -> ir.Expr:
         return left
     if expr.op == "*" and isinstance(right, ir.Const) and right.value == 1:
         return left
-    return ir.BinOp(expr.op, left, right)
+    return expr
 
 
 # Value ranges (exact Python integers) --------------------------------------------------------------------------
 
+Range = tuple[int, int]
 
-def value_range(expr: ir.Expr, ranges: dict[str, tuple[int, int]]) -> tuple[int, int] | None:
+
+def value_range(expr: ir.Expr, ranges: dict[str, Range]) -> Range | None:
     """Bounds of an integer expression given bounds of its variables; None for conditions."""
-    if isinstance(expr, ir.Const):
-        return None if isinstance(expr.value, bool) else (expr.value, expr.value)
-    if isinstance(expr, ir.Var):
-        return ranges[expr.name]
-    if isinstance(expr, RandomRef) or isinstance(expr, ir.Not):
+    return _fold_ranges(expr, ranges, lambda r: r)
+
+
+def _subranges(expr: ir.Expr, ranges: dict[str, Range]) -> list[Range]:
+    """The bounds of every integer subexpression."""
+    out: list[Range] = []
+
+    def keep(r: Range | None) -> Range | None:
+        if r is not None:
+            out.append(r)
+        return r
+
+    _fold_ranges(expr, ranges, keep)
+    return out
+
+
+def _fold_ranges(expr: ir.Expr, ranges: dict[str, Range], seen) -> Range | None:
+    """`value_range`, with `seen` called on the range of every node (and returning it)."""
+    return ir.fold_expr(
+        expr, const=lambda c: seen(None if isinstance(c.value, bool) else (c.value, c.value)),
+        var=lambda v: seen(ranges[v.name]), neg=lambda _, r: seen((-r[1], -r[0])), not_=lambda _, r: None,
+        call=lambda e, rs: seen(_call_range(e.func, rs)), binop=lambda e, a, b: seen(_binop_range(e.op, a, b)),
+        other=lambda _: None)
+
+
+def _call_range(func: str, rs: list[Range]) -> Range:
+    if func == "abs":
+        lo, hi = rs[0]
+        return (0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi))
+    if func == "isqrt":
+        return math.isqrt(max(rs[0][0], 0)), math.isqrt(max(rs[0][1], 0))
+    f = min if func == "min" else max
+    return f(rs[0][0], rs[1][0]), f(rs[0][1], rs[1][1])
+
+
+def _binop_range(op: str, a: Range | None, b: Range | None) -> Range | None:
+    if op in ir.COMPARE_OPS or op in ir.BOOL_OPS:
         return None
-    if isinstance(expr, ir.Neg):
-        lo, hi = value_range(expr.operand, ranges)
-        return -hi, -lo
-    if isinstance(expr, ir.Call):
-        rs = [value_range(a, ranges) for a in expr.args]
-        if expr.func == "abs":
-            lo, hi = rs[0]
-            return (0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), max(abs(lo), abs(hi))
-        if expr.func == "isqrt":
-            return math.isqrt(max(rs[0][0], 0)), math.isqrt(max(rs[0][1], 0))
-        f = min if expr.func == "min" else max
-        return f(rs[0][0], rs[1][0]), f(rs[0][1], rs[1][1])
-    assert isinstance(expr, ir.BinOp)
-    if expr.op in ir.COMPARE_OPS or expr.op in ir.BOOL_OPS:
-        return None
-    (alo, ahi), (blo, bhi) = value_range(expr.left, ranges), value_range(expr.right, ranges)
-    if expr.op == "+":
+    (alo, ahi), (blo, bhi) = a, b
+    if op == "+":
         return alo + blo, ahi + bhi
-    if expr.op == "-":
+    if op == "-":
         return alo - bhi, ahi - blo
-    if expr.op == "*":
+    if op == "*":
         corners = [alo * blo, alo * bhi, ahi * blo, ahi * bhi]
         return min(corners), max(corners)
     big = max(abs(alo), abs(ahi), abs(blo), abs(bhi))
-    if expr.op == "%":
+    if op == "%":
         return (0, bhi - 1) if blo > 0 else (-big, big)
     if blo > 0:  # floor division by a positive divisor is monotone in the dividend
         return min(alo // blo, alo // bhi), max(ahi // blo, ahi // bhi)
     return -big, big
-
-
-def _subranges(expr: ir.Expr, ranges) -> list[tuple[int, int]]:
-    out = []
-    for node in expr.walk():
-        r = value_range(node, ranges) if not isinstance(node, RandomRef) else None
-        if r is not None:
-            out.append(r)
-    return out
 
 
 def needs_int64(expr: ir.Expr, runtime_bounds: dict[str, tuple[int, int]]) -> bool:
@@ -130,34 +140,75 @@ def needs_int64(expr: ir.Expr, runtime_bounds: dict[str, tuple[int, int]]) -> bo
 # Emitters ------------------------------------------------------------------------------------------------------
 
 
+class Code(str):
+    """Emitted source text that knows how loosely it binds (a level of `ir.PRECEDENCE`; `ir.ATOM` when it needs
+    no parentheses anywhere) and whether it varies with the positions i, j (a tensor over them; otherwise a
+    scalar: a Python int or bool, or a 0-d tensor). A `str`, so that emitters can format it like any text."""
+
+    level: int
+    positional: bool
+
+    def __new__(cls, text: str, level: int = ir.ATOM, positional: bool = False) -> Code:
+        code = super().__new__(cls, text)
+        code.level, code.positional = level, positional
+        return code
+
+    def at(self, level: int) -> Code:
+        """This code where an operand of `level` is expected: parenthesized if it binds more loosely."""
+        if self.level >= level:
+            return self
+        return Code(f"({self})", ir.ATOM, self.positional)
+
+
+# `and` / `or` on tensors (and on Python bools, which keep them eager like the kernels) are `&` and `|`.
+_SPELLING = {"and": "&", "or": "|"}
+
+
 class _Emitter:
-    """Shared walk; subclasses say how each operation is spelled."""
+    """A fold over the expression (`ir.fold_expr`); subclasses say how each operation is spelled.
+
+    Hooks return `Code`, or plain text that needs no parentheses anywhere. `binary(op, a, b)` and `not_(a)` get
+    operands already parenthesized for `op` (as `&` / `|` for and / or) and for unary `~`; `call`, `division`
+    get them as they are (each argument is a whole expression).
+    """
 
     def __init__(self, names: dict[str, str], ranges: dict[str, tuple[int, int]]):
         self.names = names  # IR variable -> source name
         self.ranges = ranges
 
     def __call__(self, expr: ir.Expr) -> str:
-        return self.emit(expr)
+        return str(self.emit(expr))
 
-    def emit(self, expr: ir.Expr) -> str:
-        if isinstance(expr, ir.Const):
-            return self.const(expr.value)
-        if isinstance(expr, ir.Var):
-            return self.names[expr.name]
-        if isinstance(expr, RandomRef):
-            return self.random(expr)
-        if isinstance(expr, ir.Neg):
-            return f"(-{self.emit(expr.operand)})"
-        if isinstance(expr, ir.Not):
-            return self.not_(self.emit(expr.operand))
-        if isinstance(expr, ir.Call):
-            return self.call(expr.func, [self.emit(a) for a in expr.args])
-        assert isinstance(expr, ir.BinOp)
-        a, b = self.emit(expr.left), self.emit(expr.right)
-        if expr.op in ("//", "%"):
-            return self.division(expr, a, b)
-        return self.binary(expr.op, a, b)
+    def emit(self, expr: ir.Expr) -> Code:
+        return ir.fold_expr(expr, const=self._const, var=self._var, binop=self._binop, neg=self._neg,
+                            not_=self._not, call=self._call, other=self._other)
+
+    def _const(self, node: ir.Const) -> Code:
+        return _code(self.const(node.value), ())
+
+    def _var(self, node: ir.Var) -> Code:
+        return Code(self.var(node.name), ir.ATOM, node.name in ir.POSITION_VARS)
+
+    def _binop(self, node: ir.BinOp, a: Code, b: Code) -> Code:
+        if node.op in ("//", "%"):
+            return _code(self.division(node, a, b), (a, b))
+        left, right = ir.operand_levels(_SPELLING.get(node.op, node.op))
+        return _code(self.binary(node.op, a.at(left), b.at(right)), (a, b))
+
+    def _neg(self, node: ir.Neg, a: Code) -> Code:
+        return _code(self.neg(a.at(ir.UNARY)), (a,))
+
+    def _not(self, node: ir.Not, a: Code) -> Code:
+        return _code(self.not_(a.at(ir.UNARY)), (a,))
+
+    def _call(self, node: ir.Call, args: list[Code]) -> Code:
+        return _code(self.call(node.func, args), args)
+
+    def _other(self, node: ir.Expr) -> Code:
+        if not isinstance(node, RandomRef):
+            raise TypeError(f"cannot emit {node!r}")
+        code = _code(self.random(node), ())
+        return Code(code, code.level, True)
 
     def simple_division(self, expr: ir.BinOp) -> bool:
         """Dividend provably >= 0 and divisor provably > 0: truncating and floor division agree."""
@@ -166,14 +217,32 @@ class _Emitter:
         return a[0] >= 0 and b[0] > 0
 
     def const(self, value) -> str:
-        return repr(value) if isinstance(value, bool) else str(int(value))
+        if isinstance(value, bool):
+            return repr(value)
+        return Code(str(int(value)), ir.ATOM if value >= 0 else ir.UNARY)
 
-    def not_(self, a: str) -> str:
-        return f"(~{a})"
+    def var(self, name: str) -> str:
+        return self.names[name]
 
-    def binary(self, op: str, a: str, b: str) -> str:
-        py = {"and": "&", "or": "|"}.get(op, op)
-        return f"({a} {py} {b})"
+    def neg(self, a: Code) -> str:
+        return Code(("- " if a.startswith("-") else "-") + a, ir.UNARY)
+
+    def not_(self, a: Code) -> str:
+        return Code(f"~{a}", ir.UNARY)
+
+    def binary(self, op: str, a: Code, b: Code) -> str:
+        symbol = _SPELLING.get(op, op)
+        return Code(f"{a} {symbol} {b}", ir.PRECEDENCE[symbol])
+
+    def infix_division(self, op: str, a: Code, b: Code) -> Code:
+        left, right = ir.operand_levels(op)
+        return Code(f"{a.at(left)} {op} {b.at(right)}", ir.PRECEDENCE[op])
+
+
+def _code(result: str, children) -> Code:
+    """A hook's result as Code: plain text binds tightly; it varies with positions when an operand does."""
+    level = result.level if isinstance(result, Code) else ir.ATOM
+    return Code(result, level, any(c.positional for c in children))
 
 
 class TritonEmitter(_Emitter):
@@ -186,30 +255,36 @@ class TritonEmitter(_Emitter):
 
     def division(self, expr, a, b):
         if self.simple_division(expr):
-            return f"({a} {expr.op} {b})"
+            return self.infix_division(expr.op, a, b)
         return f"{'_floordiv' if expr.op == '//' else '_floormod'}({a}, {b})"
 
     def random(self, ref: RandomRef):
-        return (f"(tl.load(RANDOM + {ref.table} * NUM_BLOCKS * NUM_BLOCKS + (o_i // {ref.block}) * NUM_BLOCKS"
-                f" + o_j // {ref.block}, mask=(o_i < n_ctx) & (o_j < n_ctx), other=0) != 0)")
+        return Code(f"tl.load(RANDOM + {ref.table} * NUM_BLOCKS * NUM_BLOCKS + (o_i // {ref.block}) * NUM_BLOCKS"
+                    f" + o_j // {ref.block}, mask=(o_i < n_ctx) & (o_j < n_ctx), other=0) != 0", ir.COMPARE)
 
 
 class TorchEmitter(_Emitter):
-    """Tensors follow Python's floor semantics for // and % already."""
+    """Position tensors follow Python's floor semantics for // and % already; scalars (n, runtime parameters)
+    stay Python ints and bools, so that only what varies with i, j is a tensor."""
 
     def call(self, func, args):
-        if func == "abs":
-            return f"torch.abs(torch.as_tensor({args[0]}))"
         if func == "isqrt":
             return f"tiles_floor_sqrt({args[0]})"
-        return f"torch.{'minimum' if func == 'min' else 'maximum'}(torch.as_tensor({args[0]}), " \
-               f"torch.as_tensor({args[1]}))"
+        if func == "abs":
+            return f"{args[0].at(ir.ATOM)}.abs()" if args[0].positional else f"abs({args[0]})"
+        a, b = args
+        if a.positional and b.positional:
+            return f"torch.{'minimum' if func == 'min' else 'maximum'}({a}, {b})"
+        if a.positional or b.positional:  # min and max are symmetric: clamp the tensor by the scalar
+            tensor, scalar = (a, b) if a.positional else (b, a)
+            return f"{tensor.at(ir.ATOM)}.clamp({'max' if func == 'min' else 'min'}={scalar})"
+        return f"{func}({a}, {b})"
 
     def division(self, expr, a, b):
-        return f"({a} {expr.op} {b})"
+        return self.infix_division(expr.op, a, b)
 
     def not_(self, a):
-        return f"(~torch.as_tensor({a}))"
+        return Code(f"~{a}", ir.UNARY) if a.positional else Code(f"not {a}", ir.NOT)
 
     def random(self, ref: RandomRef):
         return f"random_tables[{ref.table}][pos_i // {ref.block}, pos_j // {ref.block}]"
@@ -220,17 +295,14 @@ class TilesEmitter(_Emitter):
 
     _OPS = {"+": "add", "-": "sub", "*": "mul", "//": "floordiv", "%": "mod"}
 
-    def emit(self, expr):
-        if isinstance(expr, ir.Const) and not isinstance(expr.value, bool):
-            return f"tiles_const({int(expr.value)})"
-        if isinstance(expr, ir.Var) and expr.name not in ("i", "j"):
-            return f"tiles_const({self.names[expr.name]})"
-        if isinstance(expr, ir.Neg):
-            return f"tiles_neg({self.emit(expr.operand)})"
-        return super().emit(expr)
-
     def const(self, value):
-        return f"tiles_truth({value!r})"
+        return f"tiles_truth({value!r})" if isinstance(value, bool) else f"tiles_const({int(value)})"
+
+    def var(self, name):
+        return self.names[name] if name in ir.POSITION_VARS else f"tiles_const({self.names[name]})"
+
+    def neg(self, a):
+        return f"tiles_neg({a})"
 
     def not_(self, a):
         return f"tiles_not_({a})"

@@ -21,49 +21,38 @@ __all__ = ["format_expr", "format_pattern", "format_patterns", "format_set"]
 
 _INDENT = "    "
 
-# Integer and boolean expression levels.
-_OR, _AND, _NOT, _COMPARE, _SUM, _PRODUCT, _UNARY, _ATOM = range(1, 9)
-_BINARY_LEVELS = {
-    "or": _OR, "and": _AND,
-    **{op: _COMPARE for op in ir.COMPARE_OPS},
-    "+": _SUM, "-": _SUM,
-    "*": _PRODUCT, "//": _PRODUCT, "%": _PRODUCT,
-}
-
 # Set expression levels.
 _UNION, _INTER, _DIFF, _SET_ATOM = range(1, 5)
-_SET_OPS = {ir.Union: ("|", _UNION), ir.Intersect: ("&", _INTER), ir.Difference: ("-", _DIFF)}
+
+Text = tuple[str, int]  # (text, precedence level)
 
 
-def _wrap(text: str, level: int, needed: int) -> str:
-    return f"({text})" if level < needed else text
+def _expr(e: ir.Expr) -> Text:
+    """(text, precedence level) of an expression (levels: `ir.PRECEDENCE`)."""
+    return ir.fold_expr(e, const=_const, var=lambda v: (v.name, ir.ATOM), neg=_neg, not_=_not, binop=_binop,
+                        call=lambda c, args: (f"{c.func}({', '.join(text for text, _ in args)})", ir.ATOM))
 
 
-def _expr(e: ir.Expr) -> tuple[str, int]:
-    """(text, precedence level) of an expression."""
-    if isinstance(e, ir.Const):
-        if isinstance(e.value, bool):
-            return ("true" if e.value else "false"), _ATOM
-        # A negative constant only arises from an override (`parse(path, l=-1)`); it reads back as Neg(Const).
-        return str(e.value), (_ATOM if e.value >= 0 else _UNARY)
-    if isinstance(e, ir.Var):
-        return e.name, _ATOM
-    if isinstance(e, ir.Call):
-        return f"{e.func}({', '.join(format_expr(a) for a in e.args)})", _ATOM
-    if isinstance(e, ir.Neg):
-        text, level = _expr(e.operand)
-        text = _wrap(text, level, _UNARY)
-        return ("- " if text.startswith("-") else "-") + text, _UNARY
-    if isinstance(e, ir.Not):
-        text, level = _expr(e.operand)
-        return f"not {_wrap(text, level, _NOT)}", _NOT
-    assert isinstance(e, ir.BinOp), f"not an expression: {e!r}"
-    level = _BINARY_LEVELS[e.op]
-    # Comparisons do not chain: both sides are sums. Everything else is left-associative.
-    left_needed, right_needed = (_SUM, _SUM) if level == _COMPARE else (level, level + 1)
-    left, left_level = _expr(e.left)
-    right, right_level = _expr(e.right)
-    return f"{_wrap(left, left_level, left_needed)} {e.op} {_wrap(right, right_level, right_needed)}", level
+def _const(c: ir.Const) -> Text:
+    if isinstance(c.value, bool):
+        return ("true" if c.value else "false"), ir.ATOM
+    # A negative constant only arises from an override (`parse(path, l=-1)`); it reads back as Neg(Const).
+    return str(c.value), (ir.ATOM if c.value >= 0 else ir.UNARY)
+
+
+def _neg(_: ir.Neg, operand: Text) -> Text:
+    text = ir.parenthesize(*operand, ir.UNARY)
+    return ("- " if text.startswith("-") else "-") + text, ir.UNARY
+
+
+def _not(_: ir.Not, operand: Text) -> Text:
+    return f"not {ir.parenthesize(*operand, ir.NOT)}", ir.NOT
+
+
+def _binop(e: ir.BinOp, left: Text, right: Text) -> Text:
+    left_needed, right_needed = ir.operand_levels(e.op)
+    return (f"{ir.parenthesize(*left, left_needed)} {e.op} {ir.parenthesize(*right, right_needed)}",
+            ir.PRECEDENCE[e.op])
 
 
 def format_expr(e: ir.Expr) -> str:
@@ -93,11 +82,9 @@ def _primitive(s: ir.SetPrimitive) -> str:
     raise TypeError(f"no .attn spelling for {s!r}")
 
 
-def _merged_form(s: ir.SetExpr) -> str | None:
-    """`strided(l)` / `fixed(l, c)` when a union is exactly what that primitive expands to."""
-    if not isinstance(s, ir.Union):
-        return None
-    a, b = s.left, s.right
+def _merged_form(a: ir.SetExpr | None, b: ir.SetExpr | None) -> str | None:
+    """`strided(l)` / `fixed(l, c)` when the union of primitives a and b is exactly what that primitive expands
+    to."""
     if isinstance(a, ir.Local) and isinstance(b, ir.Stride) and a.w == b.l:
         return f"strided({format_expr(a.w)})"
     if isinstance(a, ir.Chunk) and isinstance(b, ir.Summary) and a.l == b.l:
@@ -105,19 +92,28 @@ def _merged_form(s: ir.SetExpr) -> str | None:
     return None
 
 
-def _set(s: ir.SetExpr) -> tuple[str, int]:
-    merged = _merged_form(s)
-    if merged is not None:
-        return merged, _SET_ATOM
-    if isinstance(s, ir.Where):
-        # `where` runs to the end of the head's expression, so anywhere but the whole head it needs parentheses.
-        return f"(where {format_expr(s.pred)})", _SET_ATOM
-    if isinstance(s, ir.SetPrimitive):
-        return _primitive(s), _SET_ATOM
-    op, level = _SET_OPS[type(s)]
-    left, left_level = _set(s.left)
-    right, right_level = _set(s.right)
-    return f"{_wrap(left, left_level, level)} {op} {_wrap(right, right_level, level + 1)}", level
+# A set's text, precedence level, and the primitive it is (None for a set operation), for the merged forms.
+SetText = tuple[str, int, ir.SetPrimitive | None]
+
+
+def _set(s: ir.SetExpr) -> SetText:
+    def primitive(p: ir.SetPrimitive) -> SetText:
+        if isinstance(p, ir.Where):
+            # `where` runs to the end of the head's expression, so anywhere but the whole head it needs parentheses.
+            return f"(where {format_expr(p.pred)})", _SET_ATOM, p
+        return _primitive(p), _SET_ATOM, p
+
+    def operation(op: str, level: int):
+        def combine(left: SetText, right: SetText) -> SetText:
+            merged = _merged_form(left[2], right[2]) if op == "|" else None
+            if merged is not None:
+                return merged, _SET_ATOM, None
+            return f"{ir.parenthesize(*left[:2], level)} {op} {ir.parenthesize(*right[:2], level + 1)}", level, None
+
+        return combine
+
+    return ir.fold_set(s, primitive=primitive, union=operation("|", _UNION), intersect=operation("&", _INTER),
+                       difference=operation("-", _DIFF))
 
 
 def format_set(s: ir.SetExpr) -> str:

@@ -3,14 +3,20 @@
 Notation: a head is a set of (i, j) pairs, i the query position, j the key position, both 0-based in [0, n).
 Integer expressions use Python's semantics (`//` floors, `%` takes the sign of the divisor). Every set primitive
 except `random` is a predicate over i and j (`SetPrimitive.predicate()`); `random` is a per-block table.
-Parameters and lets stay symbolic here; `Pattern.bind(n)` evaluates them with exact integer arithmetic.
+Parameters and lets stay symbolic here; `semantics.bind_pattern(pattern, n)` evaluates them with exact integer
+arithmetic, and `mask.pattern_mask(pattern, n)` gives the dense reference masks.
+
+Every pass that walks the IR is a case of one traversal defined here: `fold_set` over set expressions,
+`fold_expr` and `map_expr` over integer and boolean expressions (`fold_bool` over a predicate's connectives).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields
+import operator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import TypeVar
 
 # Expressions ---------------------------------------------------------------------------------------------------
 
@@ -20,6 +26,24 @@ BOOL_OPS = ("and", "or")
 FUNCTIONS = {"abs": 1, "min": 2, "max": 2, "isqrt": 1}
 POSITION_VARS = ("i", "j")
 BUILTIN_VARS = ("i", "j", "n", "h")
+
+# How tightly operators bind, loosest first: Python's levels, which .attn's `or`, `and`, `not`, comparisons and
+# arithmetic share; printers of either language parenthesize with them.
+OR, AND, NOT, COMPARE, BIT_OR, BIT_AND, SUM, PRODUCT, UNARY, ATOM = range(1, 11)
+PRECEDENCE = {"or": OR, "and": AND, **{op: COMPARE for op in COMPARE_OPS}, "|": BIT_OR, "&": BIT_AND,
+              "+": SUM, "-": SUM, "*": PRODUCT, "//": PRODUCT, "%": PRODUCT}
+
+
+def operand_levels(op: str) -> tuple[int, int]:
+    """The loosest level each operand of the binary operator `op` may have without parentheses: comparisons do
+    not chain, and every other operator is left-associative (`a - (b - c)` keeps its parentheses)."""
+    level = PRECEDENCE[op]
+    return (level + 1, level + 1) if level == COMPARE else (level, level + 1)
+
+
+def parenthesize(text: str, level: int, needed: int) -> str:
+    """`text` (binding at `level`) where an operand of level `needed` is expected."""
+    return f"({text})" if level < needed else text
 
 
 class Expr:
@@ -143,53 +167,111 @@ def or_(a, b) -> Expr:
 I, J = Var("i"), Var("j")
 
 
+# Traversal of expressions ---------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def fold_expr(expr: Expr, *, const: Callable[[Const], T], var: Callable[[Var], T],
+              binop: Callable[[BinOp, T, T], T], neg: Callable[[Neg, T], T], not_: Callable[[Not, T], T],
+              call: Callable[[Call, list[T]], T], other: Callable[[Expr], T] | None = None) -> T:
+    """Fold `expr` bottom-up, one case per node kind: each case gets the node and its children's values (left to
+    right, all of them: there is no short-circuit). Nodes defined outside this module (the emitters' `RandomRef`)
+    go to `other` as they are; without `other` they are a TypeError.
+
+    Example, the constants of an expression: `fold_expr(e, const=lambda c: {c.value}, var=lambda v: set(),
+    binop=lambda _, a, b: a | b, neg=lambda _, a: a, not_=lambda _, a: a, call=lambda _, args: set().union(*args))`.
+    """
+
+    def go(e: Expr) -> T:
+        if isinstance(e, BinOp):
+            return binop(e, go(e.left), go(e.right))
+        if isinstance(e, Const):
+            return const(e)
+        if isinstance(e, Var):
+            return var(e)
+        if isinstance(e, Neg):
+            return neg(e, go(e.operand))
+        if isinstance(e, Not):
+            return not_(e, go(e.operand))
+        if isinstance(e, Call):
+            return call(e, [go(a) for a in e.args])
+        if other is None:
+            raise TypeError(f"no case for {type(e).__name__} in this fold over expressions")
+        return other(e)
+
+    return go(expr)
+
+
+def map_expr(expr: Expr, fn: Callable[[Expr], Expr]) -> Expr:
+    """Rebuild `expr` bottom-up: every node is rebuilt from its mapped children, then replaced by `fn(node)`.
+
+    Works on any dataclass node (fields holding an Expr or a tuple of them are children). Example, renaming:
+    `map_expr(e, lambda x: Var("k") if x == Var("j") else x)`.
+    """
+    if expr.children():
+        changes = {}
+        for f in fields(expr):
+            value = getattr(expr, f.name)
+            if isinstance(value, Expr):
+                changes[f.name] = map_expr(value, fn)
+            elif isinstance(value, tuple):
+                changes[f.name] = tuple(map_expr(v, fn) for v in value)
+        expr = replace(expr, **changes)
+    return fn(expr)
+
+
+def fold_bool(expr: Expr, *, atom: Callable[[Expr], T], and_: Callable[[T, T], T], or_: Callable[[T, T], T],
+              not_: Callable[[T], T]) -> T:
+    """Fold a predicate over its connectives only (`and`, `or`, `not`); every other subexpression is an atom,
+    given whole to `atom`. Example, its atoms: `fold_bool(p, atom=lambda a: [a], and_=operator.add,
+    or_=operator.add, not_=lambda x: x)`."""
+
+    def go(e: Expr) -> T:
+        if isinstance(e, BinOp) and e.op in BOOL_OPS:
+            return (and_ if e.op == "and" else or_)(go(e.left), go(e.right))
+        if isinstance(e, Not):
+            return not_(go(e.operand))
+        return atom(e)
+
+    return go(expr)
+
+
+def conjuncts(expr: Expr) -> list[Expr]:
+    """The operands of a chain of `and`, left to right (`[expr]` when it is no `and`)."""
+    if isinstance(expr, BinOp) and expr.op == "and":
+        return conjuncts(expr.left) + conjuncts(expr.right)
+    return [expr]
+
+
 def substitute(expr: Expr, env: Mapping[str, Expr | int]) -> Expr:
     """`expr` with every variable named in `env` replaced (ints become constants)."""
-    if isinstance(expr, Var):
-        return _c(env[expr.name]) if expr.name in env else expr
-    if isinstance(expr, Const):
-        return expr
-    kwargs = {}
-    for f in fields(expr):
-        value = getattr(expr, f.name)
-        if isinstance(value, Expr):
-            value = substitute(value, env)
-        elif isinstance(value, tuple):
-            value = tuple(substitute(v, env) for v in value)
-        kwargs[f.name] = value
-    return type(expr)(**kwargs)
+    return map_expr(expr, lambda e: _c(env[e.name]) if isinstance(e, Var) and e.name in env else e)
+
+
+_INT_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv, "%": operator.mod,
+            "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt,
+            ">=": operator.ge, "and": lambda a, b: bool(a) and bool(b), "or": lambda a, b: bool(a) or bool(b)}
+
+
+def _int_call(e: Call, args: list) -> int:
+    if e.func == "isqrt":
+        if args[0] < 0:
+            raise ArithmeticError(f"isqrt of a negative number ({args[0]})")
+        return math.isqrt(args[0])
+    return {"abs": abs, "min": min, "max": max}[e.func](*args)
+
+
+def _int_binop(e: BinOp, a, b):
+    if e.op in ("//", "%") and b == 0:
+        raise ZeroDivisionError(f"division by zero in {e}")
+    return _INT_OPS[e.op](a, b)
 
 
 def evaluate_int(expr: Expr, env: Mapping[str, int]) -> int | bool:
     """Exact Python-integer evaluation of a closed expression (parameters, lets, block sizes)."""
-    if isinstance(expr, Const):
-        return expr.value
-    if isinstance(expr, Var):
-        return env[expr.name]
-    if isinstance(expr, Neg):
-        return -evaluate_int(expr.operand, env)
-    if isinstance(expr, Not):
-        return not evaluate_int(expr.operand, env)
-    if isinstance(expr, Call):
-        args = [evaluate_int(a, env) for a in expr.args]
-        if expr.func == "isqrt":
-            if args[0] < 0:
-                raise ArithmeticError(f"isqrt of a negative number ({args[0]})")
-            return math.isqrt(args[0])
-        return {"abs": abs, "min": min, "max": max}[expr.func](*args)
-    assert isinstance(expr, BinOp)
-    if expr.op == "and":
-        return bool(evaluate_int(expr.left, env)) and bool(evaluate_int(expr.right, env))
-    if expr.op == "or":
-        return bool(evaluate_int(expr.left, env)) or bool(evaluate_int(expr.right, env))
-    a, b = evaluate_int(expr.left, env), evaluate_int(expr.right, env)
-    if expr.op in ("//", "%") and b == 0:
-        raise ZeroDivisionError(f"division by zero in {expr}")
-    return {
-        "+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "//": lambda: a // b, "%": lambda: a % b,
-        "==": lambda: a == b, "!=": lambda: a != b, "<": lambda: a < b, "<=": lambda: a <= b,
-        ">": lambda: a > b, ">=": lambda: a >= b,
-    }[expr.op]()
+    return fold_expr(expr, const=lambda c: c.value, var=lambda v: env[v.name], binop=_int_binop,
+                     neg=lambda _, a: -a, not_=lambda _, a: not a, call=_int_call)
 
 
 # Sets of (i, j) pairs ------------------------------------------------------------------------------------------
@@ -339,16 +421,42 @@ class Difference(SetExpr):
         return (self.left, self.right)
 
 
+# Traversal of sets ----------------------------------------------------------------------------------------------
+
+
+def fold_set(s: SetExpr, *, primitive: Callable[[SetPrimitive], T], union: Callable[[T, T], T],
+             intersect: Callable[[T, T], T], difference: Callable[[T, T], T]) -> T:
+    """Fold a set expression bottom-up: `primitive` for the leaves, one combining case per set operation (both
+    sides are always folded, left first). Example, the number of primitives:
+    `fold_set(s, primitive=lambda p: 1, union=operator.add, intersect=operator.add, difference=operator.add)`."""
+
+    def go(node: SetExpr) -> T:
+        if isinstance(node, SetPrimitive):
+            return primitive(node)
+        combine = {Union: union, Intersect: intersect, Difference: difference}[type(node)]
+        return combine(go(node.left), go(node.right))
+
+    return go(s)
+
+
+def fold_set_bool(s: SetExpr, primitive: Callable[[SetPrimitive], T]) -> T:
+    """`fold_set` into anything with Python's `|`, `&` and `~` (boolean tensors, bit words): union is `|`,
+    intersection `&`, difference `a & ~b`."""
+    return fold_set(s, primitive=primitive, union=operator.or_, intersect=operator.and_,
+                    difference=lambda a, b: a & ~b)
+
+
+def union_members(s: SetExpr) -> list[SetExpr]:
+    """The operands of a chain of unions, left to right (`[s]` when it is no union)."""
+    if isinstance(s, Union):
+        return union_members(s.left) + union_members(s.right)
+    return [s]
+
+
 def set_predicate(s: SetExpr) -> Expr:
     """The whole set as one boolean expression over i and j (raises TypeError if it contains `random`)."""
-    if isinstance(s, SetPrimitive):
-        return s.predicate()
-    left, right = set_predicate(s.left), set_predicate(s.right)
-    if isinstance(s, Union):
-        return or_(left, right)
-    if isinstance(s, Intersect):
-        return and_(left, right)
-    return and_(left, Not(right))
+    return fold_set(s, primitive=lambda p: p.predicate(), union=or_, intersect=and_,
+                    difference=lambda a, b: and_(a, Not(b)))
 
 
 def contains_random(s: SetExpr) -> bool:
@@ -440,14 +548,6 @@ class Pattern:
     # Value checks (expr, rule, source span, description) made once values are known; see semantics.py.
     checks: tuple = field(default=(), compare=False, repr=False)
 
-    # Binding --------------------------------------------------------------------------------------------------
-
-    def bind(self, n: int) -> Bound:
-        """Evaluate parameters, lets, block and head counts for sequence length n (exact integers)."""
-        from .semantics import bind_pattern  # the checks live with the other semantic checks
-
-        return bind_pattern(self, n)
-
     def depends_on_n(self) -> frozenset[str]:
         """Names of the parameters and lets whose value changes with n."""
         dependent: set[str] = {"n"}
@@ -458,17 +558,6 @@ class Pattern:
             if value.free_vars() & dependent:
                 dependent.add(name)
         return frozenset(dependent - {"n"})
-
-    def mask(self, n: int, layer: int = 0):
-        """Dense boolean tensor (heads, n, n): which keys each query of each declared head may see.
-
-        The reference every kernel is tested against, computed directly from the IR's formulas
-        (see `patterncc.mask`). Kernel heads give their support (all j, or j <= i when causal); hashed heads,
-        whose pairs depend on the data, give the same support as an upper bound.
-        """
-        from .mask import pattern_mask
-
-        return pattern_mask(self, n, layer=layer)
 
     @property
     def set_heads(self) -> tuple[HeadGroup, ...]:

@@ -8,7 +8,7 @@ never recompiles a kernel), int32 vs int64 arithmetic. Templates only place the 
 
 from __future__ import annotations
 
-import hashlib
+import ast
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -16,10 +16,11 @@ from functools import cache
 import jinja2
 
 from . import __version__, ir
-from .embed import embed_module
 from .emit import RandomRef, TilesEmitter, TorchEmitter, TritonEmitter, describe, fold, needs_int64, value_range
 from .errors import PatternUsageError
 from .resources import resource_dir
+from .semantics import bind_pattern
+from .wrap import wrap_code, wrap_comment
 
 # Sequence length at which candidate permutations are searched when the caller gives none. A grid transpose
 # with period l needs n / l >= block positions per residue class to pay off, so this is long; the generated
@@ -133,7 +134,9 @@ class PythonEmitter(TorchEmitter):
 
 
 def _class_name(name: str) -> str:
-    return "".join(part[:1].upper() + part[1:] for part in re.split(r"_+", name) if part) or "Pattern"
+    # The one user-derived name in a generated module. Library names are snake_case, UPPER_CASE or _Private, and
+    # never end in "Attention" after a capital: "<CamelCase>Attention" cannot collide with any of them.
+    return "".join(part[:1].upper() + part[1:] for part in re.split(r"_+", name) if part) + "Attention"
 
 
 def plan(pattern: ir.Pattern, layer: int = 0, n: int | None = None, params: dict | None = None) -> KernelPlan:
@@ -142,7 +145,7 @@ def plan(pattern: ir.Pattern, layer: int = 0, n: int | None = None, params: dict
     if pattern.block.free_vars() & (dependent | {"n"}):
         raise PatternUsageError("the block size must not depend on n: it is the kernels' tile size",
                                 filename=pattern.filename)
-    bound = pattern.bind(n or REFERENCE_N)
+    bound = bind_pattern(pattern, n or REFERENCE_N)
 
     # Parameters and lets that do not change with n become constants; the others are runtime arguments.
     constants = {k: v for k, v in bound.env.items() if k not in dependent}
@@ -228,14 +231,11 @@ def _family_calls(pattern: ir.Pattern, bound: ir.Bound, head_sets, constants: di
         draws.setdefault(key, []).append((value(body.seed), h))
     hashed: list[HashedCall] = []
     kernel: list[KernelCall] = []
-    per_group: dict[str, int] = {}
-    for key in calls:
-        per_group[key[1]] = per_group.get(key[1], 0) + 1
-    seen: dict[str, int] = {}
-    for key, heads in calls.items():
+    for index, (key, heads) in enumerate(calls.items()):
         family, group, count, *rest = key
-        seen[group] = seen.get(group, 0) + 1
-        suffix = f"{group}_{seen[group] - 1}" if per_group[group] > 1 else group
+        # Buffer names carry the call's index, unique in the module, before the group's name: `a` with per-head
+        # parameters and a group named `a_0` can never share one.
+        suffix = f"{index}_{group}"
         if family == "hashed":
             buckets, rounds, chunk, shared_qk = rest
             hashed.append(HashedCall(f"rotations_{suffix}", group, tuple(heads), tuple(draws[key]), count, buckets,
@@ -248,15 +248,7 @@ def _family_calls(pattern: ir.Pattern, bound: ir.Bound, head_sets, constants: di
 
 
 def _renumber_tables(expr: ir.Expr, offset: int) -> ir.Expr:
-    if isinstance(expr, RandomRef):
-        return RandomRef(expr.table + offset, expr.block)
-    if isinstance(expr, (ir.Const, ir.Var)):
-        return expr
-    if isinstance(expr, ir.BinOp):
-        return ir.BinOp(expr.op, _renumber_tables(expr.left, offset), _renumber_tables(expr.right, offset))
-    if isinstance(expr, (ir.Not, ir.Neg)):
-        return type(expr)(_renumber_tables(expr.operand, offset))
-    return ir.Call(expr.func, tuple(_renumber_tables(a, offset) for a in expr.args))
+    return ir.map_expr(expr, lambda e: RandomRef(e.table + offset, e.block) if isinstance(e, RandomRef) else e)
 
 
 def _lower_set(s: ir.SetExpr, env: dict, block_expr: ir.Expr, python: PythonEmitter, first_table: int,
@@ -264,21 +256,15 @@ def _lower_set(s: ir.SetExpr, env: dict, block_expr: ir.Expr, python: PythonEmit
     """A set as one predicate over i, j with `random` nodes replaced by table references."""
     tables: list[RandomTable] = []
 
-    def walk(node: ir.SetExpr) -> ir.Expr:
+    def primitive(node: ir.SetPrimitive) -> ir.Expr:
         if isinstance(node, ir.Random):
             r, seed = (fold(ir.substitute(e, env)) for e in (node.r, node.seed))
             tables.append(RandomTable(python(r), python(seed)))
             return RandomRef(first_table + len(tables) - 1, block)
-        if isinstance(node, ir.SetPrimitive):
-            return fold(ir.substitute(node.predicate(), env))
-        left, right = walk(node.left), walk(node.right)
-        if isinstance(node, ir.Union):
-            return ir.or_(left, right)
-        if isinstance(node, ir.Intersect):
-            return ir.and_(left, right)
-        return ir.and_(left, ir.Not(right))
+        return fold(ir.substitute(node.predicate(), env))
 
-    return fold(walk(s)), tables
+    return fold(ir.fold_set(s, primitive=primitive, union=ir.or_, intersect=ir.and_,
+                            difference=lambda a, b: ir.and_(a, ir.Not(b)))), tables
 
 
 def _choose_period(bound, pairs, predicate, python) -> tuple[str | None, str | None]:
@@ -307,16 +293,24 @@ def _choose_period(bound, pairs, predicate, python) -> tuple[str | None, str | N
 
 @cache
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    environment = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(resource_dir("templates"))),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
+    environment.filters["py"] = python_literal
+    environment.filters["wrap"] = wrap_code
+    environment.filters["wrap_comment"] = wrap_comment
+    return environment
 
 
 
 
-def render(kernel_plan: KernelPlan) -> str:
-    """The generated module's source text."""
+def render(kernel_plan: KernelPlan, key: str) -> str:
+    """The generated module's source text: the template rendered with the pattern's hooks, then the library
+    definitions they reach (patterncc.assemble). `key` is the compiled pattern's identity key (the driver's
+    `identity_key`), shown in the file. The driver's next pass verifies the result (patterncc.verify)."""
     import torch
+
+    from .assemble import assemble
 
     try:
         import triton
@@ -346,32 +340,99 @@ def render(kernel_plan: KernelPlan) -> str:
     # stay out of generated code, and the file name is shown through repr() (it could hold a newline).
     from .format import format_pattern
 
-    source_lines = format_pattern(pattern).splitlines()
-    hashed = [{**call.__dict__, "literal": repr((call.name, call.heads, call.draws, call.count, call.buckets,
-                                                  call.rounds, call.chunk, call.shared_qk))}
-              for call in kernel_plan.hashed_calls]
-    kernel = [{**call.__dict__, "literal": repr((call.name, call.heads, call.draws, call.count, call.feature_map,
-                                                  call.features, call.eps))}
-              for call in kernel_plan.kernel_calls]
     favor = sorted({call.features for call in kernel_plan.kernel_calls if call.feature_map == "favor"})
-    plain_maps = tuple(sorted({c.feature_map for c in kernel_plan.kernel_calls if c.feature_map != "favor"}))
-    linear_aot = ([(repr(plain_maps), 64)] if plain_maps else []) + [(repr(("favor",)), m) for m in favor]
     buffer_names = [c.name for c in kernel_plan.hashed_calls]
     buffer_names += [c.name for c in kernel_plan.kernel_calls if c.feature_map == "favor"]
+    # Each call as a typed literal of its family (LshCall / LinearCall in patterncc/families/*/ops.py).
+    call_literals = {call.name: _call_literal("LshCall", buffer=call.name, heads=call.heads, draws=call.draws,
+                                              count=call.count, buckets=call.buckets, rounds=call.rounds,
+                                              chunk=call.chunk, shared_qk=call.shared_qk)
+                     for call in kernel_plan.hashed_calls}
+    call_literals.update({call.name: _call_literal("LinearCall", buffer=call.name, heads=call.heads,
+                                                   draws=call.draws, count=call.count, feature_map=call.feature_map,
+                                                   features=call.features, eps=call.eps)
+                          for call in kernel_plan.kernel_calls})
     context = dict(
-        plan=kernel_plan, masks=masks, hashed=hashed, kernel=kernel, buffer_names=repr(tuple(buffer_names)),
-        has_favor=bool(favor), linear_aot=linear_aot,
-        lsh_aot=sorted({(c.rounds, c.shared_qk) for c in kernel_plan.hashed_calls}),
+        plan=kernel_plan, masks=masks, call_literals=call_literals,
+        permuted_masks=[m for m in masks if m["plan"].period],
+        buffer_names=tuple(buffer_names), has_favor=bool(favor),
+        can_step=kernel_plan.families == ("kernel",) and kernel_plan.causal,
         head_summary=_head_summary(kernel_plan), version=__version__, torch_version=torch.__version__,
-        triton_version=triton_version, source_lines=source_lines, filename=repr(str(pattern.filename)),
+        triton_version=triton_version, source_lines=format_pattern(pattern).splitlines(),
+        filename=repr(str(pattern.filename)),
         unpack_params=(f"({', '.join(f'P_{name}' for name, _ in kernel_plan.runtime_params)},) = runtime_params(n)"
                        if kernel_plan.runtime_params else None),
-        runtime_args="".join(f", P_{name}" for name, _ in kernel_plan.runtime_params),
         runtime_params=[(f"P_{name}", source) for name, source in kernel_plan.runtime_params],
-        tiles_source=embed_module("tiles", prefix="tiles_"), random_source=embed_module("random_blocks"),
-        key=plan_key(kernel_plan),
+        key=key,
     )
-    return _environment().get_template("module.py.jinja").render(**context)
+    template = _environment().get_template("module.py.jinja")
+    # First pass: the pattern's own code, to learn which library definitions it reaches.
+    skeleton = template.render(**context, library="", stdlib_imports=(), public_names="[]")
+    library = assemble(_global_reads(skeleton))
+    public = _public_names(kernel_plan, library.text)
+    source = template.render(**context, library=library.text.rstrip("\n"), stdlib_imports=library.imports,
+                             public_names=_format_list(public))
+    return source
+
+
+# Entry points a generated module offers besides its attention function and class, when its plan uses them.
+_LIBRARY_ENTRY_POINTS = ("CONFIG_OVERRIDE", "blocksparse_attention", "lsh_attention", "lsh_rotations",
+                         "linear_attention", "linear_favor_projection")
+
+
+def _public_names(kernel_plan: KernelPlan, library_text: str) -> list[str]:
+    names = [kernel_plan.class_name, "attention", "NUM_HEADS", "HEAD_FAMILIES", "CAUSAL", "PATTERN_KEY"]
+    if kernel_plan.masks:
+        names += ["SET_HEADS", "PATTERN_MASKS", "get_layout"]
+    if kernel_plan.hashed_calls or any(c.feature_map == "favor" for c in kernel_plan.kernel_calls):
+        names += ["BUFFERS", "default_buffers"]
+    if kernel_plan.families == ("kernel",) and kernel_plan.causal:
+        names += ["init_state", "step"]
+    defined = {node.name if hasattr(node, "name") else None for node in ast.walk(ast.parse(library_text))
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    defined |= {t.id for node in ast.parse(library_text).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    return names + [name for name in _LIBRARY_ENTRY_POINTS if name in defined]
+
+
+def _format_list(names: list[str]) -> str:
+    """A list literal of names, wrapped at 120 columns."""
+    lines, line = [], "__all__ = ["
+    for index, name in enumerate(names):
+        item = repr(name) + (", " if index < len(names) - 1 else "]")
+        if len(line) + len(item.rstrip()) > 120:
+            lines.append(line.rstrip())
+            line = "    "
+        line += item
+    lines.append(line)
+    return "\n".join(lines)[len("__all__ = "):]
+
+
+def _global_reads(source: str) -> set[str]:
+    return {node.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Name)}
+
+
+def _call_literal(kind: str, **fields) -> str:
+    return f"{kind}(" + ", ".join(f"{name}={python_literal(value)}" for name, value in fields.items()) + ")"
+
+
+def python_literal(value) -> str:
+    """Re-print a plan value as a Python literal: ints, bools, floats, None and strings (identifiers from the
+    IR), and tuples of them. Anything else is a bug, never pasted."""
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, int):
+        return repr(int(value))
+    if isinstance(value, float):
+        return repr(float(value))
+    if isinstance(value, str):
+        return repr(str(value))
+    if isinstance(value, list):
+        return "[" + ", ".join(python_literal(v) for v in value) + "]"
+    if isinstance(value, tuple):
+        items = [python_literal(v) for v in value]
+        return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+    raise TypeError(f"not a plan literal: {type(value).__name__}")
 
 
 def _head_summary(kernel_plan: KernelPlan) -> str:
@@ -383,12 +444,3 @@ def _head_summary(kernel_plan: KernelPlan) -> str:
         else:
             runs.append([head, head, family])
     return ", ".join(f"{'head' if a == b else 'heads'} {a if a == b else f'{a}-{b}'} {family}" for a, b, family in runs)
-
-
-def plan_key(kernel_plan: KernelPlan) -> str:
-    """A hash of everything that changes the generated source (tinygrad's program key)."""
-    h = hashlib.sha256()
-    h.update(repr((kernel_plan.masks, kernel_plan.head_families, kernel_plan.set_heads, kernel_plan.head_masks,
-                   kernel_plan.runtime_params, kernel_plan.block, kernel_plan.causal, kernel_plan.int64,
-                   kernel_plan.hashed_calls, kernel_plan.kernel_calls, kernel_plan.class_name, __version__)).encode())
-    return h.hexdigest()[:16]

@@ -14,6 +14,7 @@ from . import ir
 from .errors import PatternUsageError
 from .runtime.random_blocks import random_block_table
 from .runtime.tiles import floor_sqrt
+from .semantics import bind_pattern
 
 Value = torch.Tensor | int | bool
 _INT64 = 2**63
@@ -28,25 +29,21 @@ def _fits(value: Value, what: str) -> Value:
 
 def eval_expr(expr: ir.Expr, env: Mapping[str, Value]) -> Value:
     """Evaluate an expression where i, j (and anything else) may be broadcastable int64 tensors."""
-    if isinstance(expr, ir.Const):
-        return _fits(expr.value, f"the integer {expr.value}")
-    if isinstance(expr, ir.Var):
-        return _fits(env[expr.name], f"`{expr.name}` = {env[expr.name]}")
-    if isinstance(expr, ir.Neg):
-        return -eval_expr(expr.operand, env)
-    if isinstance(expr, ir.Not):
-        value = eval_expr(expr.operand, env)
-        return ~value if isinstance(value, torch.Tensor) else not value
-    if isinstance(expr, ir.Call):
-        args = [eval_expr(a, env) for a in expr.args]
-        if expr.func == "abs":
-            return torch.abs(args[0]) if isinstance(args[0], torch.Tensor) else abs(args[0])
-        if expr.func == "isqrt":
-            return _isqrt(args[0])
-        a, b = (torch.as_tensor(x) for x in args)
-        return torch.minimum(a, b) if expr.func == "min" else torch.maximum(a, b)
-    assert isinstance(expr, ir.BinOp)
-    a, b = eval_expr(expr.left, env), eval_expr(expr.right, env)
+    return ir.fold_expr(expr, const=lambda c: _fits(c.value, f"the integer {c.value}"),
+                        var=lambda v: _fits(env[v.name], f"`{v.name}` = {env[v.name]}"), neg=lambda _, a: -a,
+                        not_=lambda _, a: ~a if isinstance(a, torch.Tensor) else not a, call=_call, binop=_binop)
+
+
+def _call(expr: ir.Call, args: list[Value]) -> Value:
+    if expr.func == "abs":
+        return torch.abs(args[0]) if isinstance(args[0], torch.Tensor) else abs(args[0])
+    if expr.func == "isqrt":
+        return _isqrt(args[0])
+    a, b = (torch.as_tensor(x) for x in args)
+    return torch.minimum(a, b) if expr.func == "min" else torch.maximum(a, b)
+
+
+def _binop(expr: ir.BinOp, a: Value, b: Value) -> Value:
     op = expr.op
     if op in ("and", "or"):
         a, b = torch.as_tensor(a, dtype=torch.bool), torch.as_tensor(b, dtype=torch.bool)
@@ -81,24 +78,17 @@ def set_mask(s: ir.SetExpr, env: Mapping[str, Value], n: int, block: int, causal
     j = torch.arange(n, dtype=torch.int64)[None, :]
     full_env = {**env, "i": i, "j": j, "n": n}
 
-    def walk(node: ir.SetExpr) -> torch.Tensor:
+    def primitive(node: ir.SetPrimitive) -> torch.Tensor:
         if isinstance(node, ir.Random):
             nb = -(-n // block)
             r = int(ir.evaluate_int(node.r, env_ints))
             seed = int(ir.evaluate_int(node.seed, env_ints))
             table = random_block_table(nb, nb, r, seed, causal)
             return table[i // block, j // block]
-        if isinstance(node, ir.SetPrimitive):
-            return torch.as_tensor(eval_expr(node.predicate(), full_env), dtype=torch.bool).expand(n, n)
-        left, right = walk(node.left), walk(node.right)
-        if isinstance(node, ir.Union):
-            return left | right
-        if isinstance(node, ir.Intersect):
-            return left & right
-        return left & ~right
+        return torch.as_tensor(eval_expr(node.predicate(), full_env), dtype=torch.bool).expand(n, n)
 
     env_ints = {k: v for k, v in full_env.items() if not isinstance(v, torch.Tensor)}
-    out = walk(s).clone()
+    out = ir.fold_set_bool(s, primitive).clone()
     if causal:
         out &= j <= i
     return out
@@ -118,7 +108,7 @@ def head_mask(bound: ir.Bound, group: ir.HeadGroup, h: int) -> torch.Tensor:
 
 
 def pattern_mask(pattern: ir.Pattern, n: int, layer: int = 0) -> torch.Tensor:
-    bound = pattern.bind(n)
+    bound = bind_pattern(pattern, n)
     cache: dict[tuple[str, int], torch.Tensor] = {}
     heads = []
     for pairs in bound.head_sets(layer):

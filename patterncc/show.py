@@ -20,13 +20,13 @@ import torch
 
 from . import ir
 from .analysis.layout import EMPTY, FULL, PARTIAL, BlockLayout, head_layout
-from .api import parse
 from .errors import PatternUsageError
 from .format import format_set
 from .mask import eval_expr, head_mask
 from .runtime.random_blocks import random_block_table
+from .semantics import bind_pattern
 
-__all__ = ["EXACT_MAX_N", "query_row", "render", "run_show"]
+__all__ = ["EXACT_MAX_N", "query_row", "render"]
 
 EXACT_MAX_N = 2048  # larger n: draw tiles from the block layout instead of pairs
 _MAX_TILES = 4096  # tiles per side beyond which a layout picture is too large to compute and says nothing
@@ -50,14 +50,6 @@ class _Panel:
     color: str
 
 
-def run_show(args) -> int:
-    """The `show` subcommand: parse, render, report where the picture went."""
-    pattern = parse(Path(args.file), pattern=args.pattern, **args.params)
-    path = render(pattern, args.n, args.output, grid=args.grid, query=args.query, layer=args.layer)
-    print(f"wrote {path}")
-    return 0
-
-
 def render(pattern: ir.Pattern, n: int, path: str | Path, grid: int | None = None, query: int | None = None,
            layer: int = 0) -> Path:
     """Draw `pattern` at sequence length n into the PNG at `path`; returns the path.
@@ -67,7 +59,7 @@ def render(pattern: ir.Pattern, n: int, path: str | Path, grid: int | None = Non
     layer: which layer of a `combine interleaved` pattern to draw.
     """
     path = _check_output(path)
-    bound = pattern.bind(n)  # validates n and every parameter before anything is drawn
+    bound = bind_pattern(pattern, n)  # validates n and every parameter before anything is drawn
     if not isinstance(layer, int) or layer < 0:
         raise PatternUsageError(f"the layer must be a non-negative integer, got {layer!r}")
     if grid is not None and (not isinstance(grid, int) or grid < 1):
@@ -188,19 +180,16 @@ def query_row(bound: ir.Bound, pairs: Pairs, query: int) -> torch.Tensor:
 
 def _set_row(s: ir.SetExpr, env: dict, ints: dict, bound: ir.Bound, query: int) -> torch.Tensor:
     n = bound.n
-    if isinstance(s, ir.Random):
-        blocks = -(-n // bound.block)
-        table = random_block_table(blocks, blocks, ir.evaluate_int(s.r, ints), ir.evaluate_int(s.seed, ints),
-                                   bound.pattern.causal)
-        return table[query // bound.block, torch.arange(n) // bound.block][None, :]
-    if isinstance(s, ir.SetPrimitive):
-        return torch.as_tensor(eval_expr(s.predicate(), env), dtype=torch.bool).expand(1, n)
-    left, right = _set_row(s.left, env, ints, bound, query), _set_row(s.right, env, ints, bound, query)
-    if isinstance(s, ir.Union):
-        return left | right
-    if isinstance(s, ir.Intersect):
-        return left & right
-    return left & ~right
+
+    def primitive(p: ir.SetPrimitive) -> torch.Tensor:
+        if isinstance(p, ir.Random):
+            blocks = -(-n // bound.block)
+            table = random_block_table(blocks, blocks, ir.evaluate_int(p.r, ints), ir.evaluate_int(p.seed, ints),
+                                       bound.pattern.causal)
+            return table[query // bound.block, torch.arange(n) // bound.block][None, :]
+        return torch.as_tensor(eval_expr(p.predicate(), env), dtype=torch.bool).expand(1, n)
+
+    return ir.fold_set_bool(s, primitive)
 
 
 def _pool(mask: torch.Tensor, pixels: int) -> tuple[torch.Tensor, int]:

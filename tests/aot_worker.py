@@ -1,38 +1,69 @@
-"""Compile every kernel of one example ahead of time (run as a subprocess, without TRITON_INTERPRET).
+"""Compile kernels ahead of time for CUDA targets (run as a subprocess, without TRITON_INTERPRET):
 
-    python tests/aot_worker.py EXAMPLE.attn 90 80 [--dtypes fp16,bf16] [--head-dims 64]
+    python tests/aot_worker.py SOURCE CAPABILITY [CAPABILITY ...] [--dtypes fp16,bf16] [--head-dims 64]
 
-Prints one JSON line per kernel: example, kernel, dtype, head_dim, target, registers, spills, shared memory.
+SOURCE is an .attn file (every kernel of each of its patterns' generated modules), `family:lsh` (every LSH kernel,
+for the heaviest and the lightest predicate) or `family:linear` (every linear-attention kernel variant: each
+feature map, causal and bidirectional). Prints one JSON line per kernel: its name, dtype, head_dim, target,
+registers, spills, shared memory and the config used (the first of its chain that does not spill, as the module
+picks on a GPU), with `example` or `variant` saying where it came from. conftest.run_aot_worker runs it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
-import patterncc
-from patterncc.compiler import aot_compile, compile_pattern, import_file
+# LSH (rounds, causal, shared_qk) constexprs: the heaviest predicate, and the lightest.
+LSH_VARIANTS = {"R4-causal-shared": (4, True, True), "R1-bidir-qk": (1, False, False)}
+
+
+def _reports(source: str, capability: int, dtypes: tuple, head_dims: tuple):
+    from patterncc.aot import aot_compile
+
+    if source == "family:lsh":
+        from patterncc.families.lsh import ops
+
+        for variant, (rounds, causal, shared_qk) in LSH_VARIANTS.items():
+            def specs(dtype, head_dim, rounds=rounds, causal=causal, shared_qk=shared_qk):
+                return ops.lsh_aot_specs(dtype, head_dim, rounds, causal, shared_qk)
+
+            for report in aot_compile(ops, capability, dtypes, head_dims, specs=specs):
+                yield dict(report.__dict__, variant=variant)
+    elif source == "family:linear":
+        from patterncc.families.linear import ops
+
+        for report in aot_compile(ops, capability, dtypes, head_dims, specs=ops.linear_aot_specs):
+            yield dict(report.__dict__, variant="linear")
+    else:
+        import tempfile
+
+        import patterncc
+        from patterncc.cache import import_file
+        from patterncc.driver import compile_pattern
+
+        for name in patterncc.parse_all(source):
+            compiled = compile_pattern(patterncc.parse(source, pattern=name))
+            module_path = Path(tempfile.mkdtemp()) / f"{compiled.module_name}.py"
+            module_path.write_text(compiled.source)
+            module = import_file(module_path, f"aot_{compiled.module_name}_{compiled.key}")
+            for report in aot_compile(module, capability, dtypes, head_dims):
+                yield dict(report.__dict__, example=Path(source).stem)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("path")
+    parser.add_argument("source")
     parser.add_argument("capabilities", nargs="+", type=int)
     parser.add_argument("--dtypes", default="fp16,bf16,fp32")
     parser.add_argument("--head-dims", default="16,32,64,128")
     args = parser.parse_args()
     dtypes = tuple(args.dtypes.split(","))
     head_dims = tuple(int(d) for d in args.head_dims.split(","))
-    for name in patterncc.parse_all(args.path):
-        compiled = compile_pattern(patterncc.parse(args.path, pattern=name))
-        module_path = Path(tempfile.mkdtemp()) / f"{compiled.module_name}.py"
-        module_path.write_text(compiled.source)
-        module = import_file(module_path, f"aot_{compiled.module_name}_{compiled.key}")
-        for capability in args.capabilities:
-            for report in aot_compile(module, capability, dtypes=dtypes, head_dims=head_dims):
-                print(json.dumps({"example": Path(args.path).stem, **report.__dict__}), flush=True)
+    for capability in args.capabilities:
+        for report in _reports(args.source, capability, dtypes, head_dims):
+            print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

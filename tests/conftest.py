@@ -22,12 +22,36 @@ ROOT = Path(__file__).resolve().parent.parent
 # virtual environment holding another Triton release (the GPU machines run Triton 3.6; this one may be newer).
 AOT_PYTHON = os.environ.get("PATTERNCC_AOT_PYTHON", sys.executable)
 EXAMPLES_DIR = ROOT / "examples"
+AOT_WORKER = Path(__file__).with_name("aot_worker.py")
 EXAMPLE_FILES = sorted(EXAMPLES_DIR.glob("*.attn"))
 
 # Property tests run the same examples on every machine: derandomized, no example database, no deadline
 # (CI machines are slow and shared); each test bounds its own example count.
 settings.register_profile("patterncc", derandomize=True, database=None, deadline=None, print_blob=True)
 settings.load_profile("patterncc")
+
+
+def run_aot_worker(source: str, capabilities=("90", "80"), dtypes=("fp16", "bf16", "fp32"),
+                   head_dims=(16, 32, 64, 128), timeout=3000) -> list[dict]:
+    """Ahead-of-time compile reports (tests/aot_worker.py) for `source`, one subprocess per capability, two at a
+    time (this machine has two cores); the workers run the real compiler, not the interpreter."""
+    import json
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+
+    def run(capability):
+        command = [AOT_PYTHON, str(AOT_WORKER), str(source), str(capability), "--dtypes", ",".join(dtypes),
+                   "--head-dims", ",".join(map(str, head_dims))]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+        assert result.returncode == 0, f"{source} sm_{capability}: ahead-of-time compilation failed:\n" \
+                                       f"{result.stderr[-4000:]}"
+        return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return [report for reports in pool.map(run, capabilities) for report in reports]
 
 
 @pytest.fixture(scope="session")

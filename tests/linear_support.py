@@ -6,16 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from kernel_support import build
+from tolerance import assert_within_eager_error, forward_backward
 
-import patterncc
-from patterncc.reference_linear import linear_reference
+from patterncc.families.linear.naive import linear_reference
 
 
-def build_linear_module(folder: Path):
-    """A module generated from a pattern with one kernel head: it holds the kernel-head sections exactly as
-    every generated module does (their functions take the feature map and causality as arguments)."""
-    return build(patterncc.parse("pattern linear_sections() { head a = kernel(elu1) }"), folder)
+def build_linear_module(folder: Path | None = None):
+    """The kernel-head family itself (patterncc.families.linear.ops), whose functions take the feature map and
+    causality as arguments; generated modules copy these same definitions. `folder` is unused."""
+    from patterncc.families.linear import ops
+
+    return ops
 
 
 def make_inputs(batch, heads, n, dim, dtype, seed=0, scale=1.0):
@@ -24,18 +25,9 @@ def make_inputs(batch, heads, n, dim, dtype, seed=0, scale=1.0):
     return q.to(dtype), k.to(dtype), v.to(dtype), grad.to(dtype)
 
 
-def forward_backward(fn, q, k, v, grad):
-    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = fn(q, k, v)
-    out.backward(grad.to(out.dtype))
-    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
-
-
 def check_linear(module, feature_map, causal, n, dim, dtype=torch.float32, backend="torch", batch=1, heads=2,
                  features=32, eps=1e-6, factor=10.0, floor=None, seed=0):
-    """Compare output and every gradient with the float64 reference.
-
-    Tolerance: max error vs float64 <= factor x (max error of the reference computed in `dtype`) + floor. The
+    """Compare output and every gradient with the float64 reference, by tests/tolerance.py's max-error rule. The
     floor (default 1e-6 in fp32) covers tensors the eager computation gets nearly exactly right by chance,
     e.g. relu rows whose features are all 0 (their output and gradients are exactly 0 in every dtype): a
     few fp32 roundings of O(1) values.
@@ -52,14 +44,6 @@ def check_linear(module, feature_map, causal, n, dim, dtype=torch.float32, backe
     eager = forward_backward(reference(None), q, k, v, grad)
     tested = forward_backward(lambda a, b, c: module.linear_attention(a, b, c, feature_map, eps, causal, projection,
                                                                       backend=backend), q, k, v, grad)
-    for name in ("out", "dq", "dk", "dv"):
-        got = tested[name]
-        assert got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
-        assert got.shape == golden[name].shape, f"{name}: shape {tuple(got.shape)} != {tuple(golden[name].shape)}"
-        assert torch.isfinite(got).all(), f"{name}: non-finite values in the {backend} result"
-        err = (got.double() - golden[name]).abs().max().item()
-        eager_err = (eager[name].double() - golden[name]).abs().max().item()
-        bound = factor * eager_err + floor
-        assert err <= bound, (f"{name}: max error {err:.3e} exceeds {factor} x eager {dtype} error {eager_err:.3e} "
-                              f"+ {floor:g} ({feature_map}, causal={causal}, n={n}, d={dim}, backend={backend})")
+    assert_within_eager_error(tested, golden, eager, factor, floor,
+                              f"{feature_map}, causal={causal}, n={n}, d={dim}, backend={backend}", dtype=dtype)
     return tested

@@ -1,20 +1,12 @@
-"""The LSH tests' module: generated from a pattern with one hashed head, so it holds the hashed-heads sections
-exactly as every generated module does (their functions take every parameter as an argument)."""
+"""The LSH tests' module: the hashed-heads family itself (patterncc.families.lsh.ops), whose functions take
+every parameter as an argument; generated modules copy these same definitions."""
 
 from __future__ import annotations
 
-import tempfile
-from functools import cache
-from pathlib import Path
 
-from kernel_support import build
-
-import patterncc
-
-
-@cache
 def build_module(folder: str | None = None):
-    """Generate, write and import the module (one per process; its kernels run in the interpreter when
-    TRITON_INTERPRET=1)."""
-    pattern = patterncc.parse("pattern lsh_sections() { head a = hashed(buckets = 4) }")
-    return build(pattern, Path(folder or tempfile.mkdtemp(prefix="patterncc_lsh_")))
+    """The family's ops module (its kernels run in the interpreter when TRITON_INTERPRET=1, which conftest.py
+    sets before triton is imported). `folder` is unused: kept for callers that pass one."""
+    from patterncc.families.lsh import ops
+
+    return ops

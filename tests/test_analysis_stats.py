@@ -1,4 +1,4 @@
-"""Exact head statistics against the dense reference mask (`pattern.mask(n)`), at small n, including n that is
+"""Exact head statistics against the dense reference mask (`pattern_mask(pattern, n)`), at small n, including n that is
 not a multiple of the block or of the pattern's period."""
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import patterncc
 from patterncc import PatternWarning
 from patterncc.analysis.analyze import analyze
 from patterncc.analysis.layout import EMPTY, FULL, head_layout
+from patterncc.mask import pattern_mask
 from patterncc.runtime.tiles import single_threaded
+from patterncc.semantics import bind_pattern
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
@@ -66,8 +68,8 @@ PATTERNS = dict(_patterns())
 
 def _reference_heads(pattern, n: int) -> dict[str, torch.Tensor]:
     """The reference mask of every analysis entry: declared heads by name, and the union of known heads."""
-    bound = pattern.bind(n)
-    masks = pattern.mask(n)  # multihead: one per declared head, in declaration order
+    bound = bind_pattern(pattern, n)
+    masks = pattern_mask(pattern, n)  # multihead: one per declared head, in declaration order
     out, start, known = {}, 0, []
     for group, count in zip(pattern.heads, bound.counts):
         for h in range(count):
@@ -116,7 +118,7 @@ def test_layout_summary_is_the_kernels_layout_and_sound(case: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PatternWarning)
         result = analyze(pattern, n)
-    bound = pattern.bind(n)
+    bound = bind_pattern(pattern, n)
     reference = _reference_heads(pattern, n)
     block = bound.block
     tiles = -(-n // block)

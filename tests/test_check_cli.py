@@ -9,6 +9,7 @@ import pytest
 
 import patterncc
 from patterncc.cli import main
+from patterncc.mask import pattern_mask
 from patterncc.runtime.tiles import single_threaded
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
@@ -52,7 +53,7 @@ def test_json_keys_and_values_for_strided(capsys):
     assert result["params"] == {"l": l} and result["allowed_pairs"] == n * (n + 1) // 2
     heads = {h["name"]: h for h in result["heads"]}
     assert set(heads) == {"local", "stride"} and all(set(h) == HEAD_KEYS for h in heads.values())
-    mask = patterncc.parse(EXAMPLES_DIR / "strided.attn", l=l).mask(n)
+    mask = pattern_mask(patterncc.parse(EXAMPLES_DIR / "strided.attn", l=l), n)
     for index, name in enumerate(["local", "stride"]):
         rows = mask[index].sum(dim=1)
         assert heads[name]["rows"] == {"min": int(rows.min()), "mean": int(rows.sum()) / n, "max": int(rows.max())}

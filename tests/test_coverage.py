@@ -12,6 +12,8 @@ import torch
 import patterncc
 from patterncc import PatternWarning
 from patterncc.analysis.analyze import analyze
+from patterncc.mask import pattern_mask
+from patterncc.semantics import bind_pattern
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
@@ -59,8 +61,8 @@ CASES = {
 
 def brute_force(pattern, n: int, max_steps: int, merged: bool):
     """(covered pairs per step, status, witness) by boolean matrix products of the reference mask."""
-    bound = pattern.bind(n)
-    masks = pattern.mask(n)
+    bound = bind_pattern(pattern, n)
+    masks = pattern_mask(pattern, n)
     group_masks, start = [], 0
     for group, count in zip(pattern.heads, bound.counts):
         if group.family == "hashed":  # data-dependent: proves no pair; the step is the residual alone
@@ -181,7 +183,7 @@ def test_residue_windows_are_recognised():
                            ("residue-windows-causal", [{(5, 3)}, {(6, None)}]),
                            ("strided-l7", [set(), {(7, None)}]), ("dilated-w3-d2", [set(), {(2, 3)}, {(4, 3)}])):
         pattern = CASES[case]()
-        bound = pattern.bind(64)
+        bound = bind_pattern(pattern, 64)
         pairs = [step_pairs(bound, group, h) for group, count in zip(pattern.heads, bound.counts)
                  for h in range(count)]
         assert [set(p.residues) for p in pairs] == expected, case

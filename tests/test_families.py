@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import EXAMPLES_DIR
-from kernel_support import assert_rms_close, build, family_results, make_inputs
+from conftest import EXAMPLES_DIR, run_aot_worker
+from kernel_support import build, family_results, make_inputs
+from tolerance import assert_rms_close
 
 import patterncc
 
@@ -76,22 +77,22 @@ def test_random_draws_are_buffers_saved_and_loaded(tmp_path):
         head perf = kernel(favor, features = 16, seed = 2)
     }"""
     module = build(patterncc.parse(text), tmp_path)
-    first = module.Rf(backend="torch")
+    first = module.RfAttention(backend="torch")
     assert first.state_dict() == {}  # nothing drawn before head_dim is known
     q, k, v, _ = make_inputs(1, 3, 3, 30, 16, torch.float64)
     out = first(q, k, v)
     state = first.state_dict()
-    assert sorted(state) == ["projection_perf", "rotations_lsh"]
-    assert state["rotations_lsh"].shape == (2, 2, 16, 2) and state["projection_perf"].shape == (1, 16, 16)
-    assert not torch.equal(state["rotations_lsh"][0], state["rotations_lsh"][1]), "heads of a group share draws"
+    assert sorted(state) == ["projection_1_perf", "rotations_0_lsh"]
+    assert state["rotations_0_lsh"].shape == (2, 2, 16, 2) and state["projection_1_perf"].shape == (1, 16, 16)
+    assert not torch.equal(state["rotations_0_lsh"][0], state["rotations_0_lsh"][1]), "heads of a group share draws"
     # Deterministic: a new module draws the same buffers from the same seeds.
-    torch.testing.assert_close(module.Rf(backend="torch", head_dim=16).state_dict(), state, rtol=0, atol=0)
+    torch.testing.assert_close(module.RfAttention(backend="torch", head_dim=16).state_dict(), state, rtol=0, atol=0)
     # A module loaded before its first call uses the saved draws, not fresh ones.
     changed = {name: torch.randn_like(value) for name, value in state.items()}
-    second = module.Rf(backend="torch")
+    second = module.RfAttention(backend="torch")
     second.load_state_dict(changed)
     assert not torch.allclose(second(q, k, v), out)
-    third = module.Rf(backend="torch")
+    third = module.RfAttention(backend="torch")
     third.load_state_dict(changed)
     torch.testing.assert_close(third(q, k, v), second(q, k, v), rtol=0, atol=0)
 
@@ -99,21 +100,22 @@ def test_random_draws_are_buffers_saved_and_loaded(tmp_path):
 def test_redraw_features_changes_the_projection_reproducibly(tmp_path):
     text = "pattern pf() { head perf[2] = kernel(favor, features = 16, seed = 2) }"
     module = build(patterncc.parse(text), tmp_path)
-    attn = module.Pf(backend="torch", head_dim=16)
-    before = attn.projection_perf.clone()
+    attn = module.PfAttention(backend="torch", head_dim=16)
+    before = attn.projection_0_perf.clone()
     attn.redraw_features(torch.Generator().manual_seed(7))
-    after = attn.projection_perf.clone()
+    after = attn.projection_0_perf.clone()
     assert not torch.equal(before, after)
     # Redrawing one module leaves the pattern's seeded draws (and so every other module) as they were.
-    torch.testing.assert_close(module.Pf(backend="torch", head_dim=16).projection_perf, before, rtol=0, atol=0)
-    again = module.Pf(backend="torch", head_dim=16)
+    fresh = module.PfAttention(backend="torch", head_dim=16)
+    torch.testing.assert_close(fresh.projection_0_perf, before, rtol=0, atol=0)
+    again = module.PfAttention(backend="torch", head_dim=16)
     again.redraw_features(torch.Generator().manual_seed(7))
-    torch.testing.assert_close(again.projection_perf, after, rtol=0, atol=0)
+    torch.testing.assert_close(again.projection_0_perf, after, rtol=0, atol=0)
 
 
 def test_step_by_step_decoding_equals_the_causal_forward(tmp_path):
     module = build(patterncc.parse(EXAMPLES_DIR / "linear.attn"), tmp_path)
-    attn = module.Linear(backend="torch")
+    attn = module.LinearAttention(backend="torch")
     heads, n, dim = 8, 12, 16
     q, k, v, _ = make_inputs(2, heads * 2, heads, n, dim, torch.float64)  # repeated and grouped-query heads
     full = attn(q, k, v)
@@ -127,9 +129,9 @@ def test_step_by_step_decoding_equals_the_causal_forward(tmp_path):
 
 def test_step_exists_only_for_causal_kernel_patterns(tmp_path):
     module = build(patterncc.parse(EXAMPLES_DIR / "hybrid.attn"), tmp_path)
-    assert not hasattr(module.Hybrid, "step")
+    assert not hasattr(module.HybridAttention, "step")
     module = build(patterncc.parse("pattern b() { head a = kernel(elu1) }"), tmp_path)
-    assert not hasattr(module.B, "step")
+    assert not hasattr(module.BAttention, "step")
 
 
 def test_buffers_for_another_head_dim_are_a_clear_error(tmp_path):
@@ -140,22 +142,11 @@ def test_buffers_for_another_head_dim_are_a_clear_error(tmp_path):
 
 
 def test_mixed_module_compiles_every_family_ahead_of_time():
-    """The module's aot_specs lists every family's kernels, and they build for sm_90 (one dtype and head_dim here:
-    the families' own tests compile every dtype and head_dim for sm_80 and sm_90)."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), env.get("PYTHONPATH", "")])
-    worker = Path(__file__).with_name("aot_worker.py")
-    result = subprocess.run([sys.executable, str(worker), str(EXAMPLES_DIR / "hybrid.attn"), "90", "--dtypes", "bf16",
-                             "--head-dims", "64"], capture_output=True, text=True, env=env, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    """patterncc.aot.module_aot_specs lists every family's kernels of a mixed module, and they build for sm_90
+    (one dtype and head_dim here: the families' own tests compile every dtype and head_dim for sm_80 and sm_90)."""
+    reports = run_aot_worker(str(EXAMPLES_DIR / "hybrid.attn"), capabilities=("90",), dtypes=("bf16",),
+                             head_dims=(64,), timeout=900)
     kernels = {r["kernel"] for r in reports}
-    assert {"fwd", "dkdv", "dq"} <= kernels, kernels
+    assert {"blocksparse_fwd", "blocksparse_dkdv", "blocksparse_dq"} <= kernels, kernels
     assert any(k.startswith("linear_fwd") for k in kernels) and any(k.startswith("linear_bwd") for k in kernels)
     assert not [r for r in reports if r["spill_stores"] or r["spill_loads"]], reports

@@ -11,7 +11,10 @@ import torch
 from conftest import EXAMPLES_DIR
 
 import patterncc
-from patterncc.compiler import compile_pattern, load, load_module
+from patterncc.api import load
+from patterncc.cache import load_module
+from patterncc.driver import compile_pattern
+from patterncc.mask import pattern_mask
 
 
 def test_generated_module_runs_without_patterncc(tmp_path):
@@ -21,10 +24,10 @@ def test_generated_module_runs_without_patterncc(tmp_path):
         import sys
         sys.modules["patterncc"] = None  # any `import patterncc` now fails
         import torch
-        from fixed import Fixed
+        from fixed import FixedAttention
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, 2, 50, 16, requires_grad=True) for _ in range(3))
-        out = Fixed()(q, k, v)
+        out = FixedAttention()(q, k, v)
         out.sum().backward()
         assert out.shape == (1, 2, 50, 16) and q.grad is not None
         loaded = sorted(name for name, mod in sys.modules.items()
@@ -42,10 +45,11 @@ def test_generated_source_snapshot():
     source = compile_pattern(patterncc.parse(EXAMPLES_DIR / "strided.attn", l=128)).source
     assert "#   mask 0 (local): (abs((i - j)) <= 128) and (j <= i)" in source
     assert "#   mask 1 (stride): (((i - j) % 128) == 0) and (j <= i)" in source
-    assert "m_allowed = tl.broadcast_to(((tl.abs((o_i - o_j)) <= 128) & (o_j <= o_i)), [ROWS, COLS])" in source
-    assert "_floormod((o_i - o_j), 128) == 0" in source  # i - j can be negative: floor, not C's remainder
-    assert "def strided_fwd_kernel(" in source and "def strided_bwd_dkdv_kernel(" in source
-    assert "class Strided(torch.nn.Module):" in source
+    assert "m_allowed = tl.broadcast_to((tl.abs(o_i - o_j) <= 128) & (o_j <= o_i), [ROWS, COLS])" in source
+    assert "_floormod(o_i - o_j, 128) == 0" in source  # i - j can be negative: floor, not C's remainder
+    assert "def blocksparse_fwd_kernel(" in source and "def blocksparse_bwd_dkdv_kernel(" in source
+    assert "def pattern_allowed(" in source  # the one hook where the pattern enters the kernels
+    assert "class StridedAttention(torch.nn.Module):" in source
     header = source.splitlines()[:12]
     assert any(line.startswith("#   pattern strided(l = 128) {") for line in header)
 
@@ -53,7 +57,7 @@ def test_generated_source_snapshot():
 def test_non_negative_dividends_use_plain_operators():
     text = "pattern p(l = 16, c = 4) { head s = summary(l, c) }"
     source = compile_pattern(patterncc.parse(text)).source
-    assert "((o_j % 16) >= 12)" in source  # j >= 0 and 16 > 0: truncation and floor agree
+    assert "o_j % 16 >= 12" in source  # j >= 0 and 16 > 0: truncation and floor agree
 
 
 def test_untrusted_text_never_reaches_generated_code(tmp_path):
@@ -98,9 +102,9 @@ def test_load_interleaved_layers(tmp_path, monkeypatch):
     q = torch.randn(1, 2, 30, 8, dtype=torch.float64)
     for layer in range(3):
         out = load(text, layer=layer, backend="torch")(q, q, q)
-        from patterncc.reference import masked_attention
+        from patterncc.families.blocksparse.naive import masked_attention
 
-        expected = masked_attention(q, q, q, pattern.mask(30, layer=layer))
+        expected = masked_attention(q, q, q, pattern_mask(pattern, 30, layer=layer))
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12, msg=f"layer {layer}")
 
 
@@ -115,8 +119,8 @@ def test_scale_argument(tmp_path, monkeypatch):
     monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
     text = "pattern p() { causal block 16 head a = local(4) }"
     q = torch.randn(1, 1, 20, 8, dtype=torch.float64)
-    from patterncc.reference import masked_attention
+    from patterncc.families.blocksparse.naive import masked_attention
 
     out = load(text, scale=0.3, backend="torch")(q, q, q)
-    torch.testing.assert_close(out, masked_attention(q, q, q, patterncc.parse(text).mask(20), scale=0.3),
+    torch.testing.assert_close(out, masked_attention(q, q, q, pattern_mask(patterncc.parse(text), 20), scale=0.3),
                                rtol=1e-10, atol=1e-12)

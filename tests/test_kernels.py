@@ -14,6 +14,7 @@ import torch
 from kernel_support import INTERPRETING, build, check_against_reference
 
 import patterncc
+from patterncc.aot import module_aot_specs
 
 EXAMPLE_CASES = [
     # (file, overrides, n, head_dim)
@@ -81,7 +82,7 @@ def test_small_patterns(modules, backend, name):
 def test_kernel_tiles_smaller_than_layout_tiles(modules, config):
     pattern = _example("strided", l=24)  # layout block 64; kernel tiles 16/32 walk sub-tiles of each
     module = modules(pattern)
-    module.CONFIG_OVERRIDE.update({k: config for k in ("fwd", "dq", "dkdv")})
+    module.CONFIG_OVERRIDE.update({k: config for k in ("blocksparse_fwd", "blocksparse_dq", "blocksparse_dkdv")})
     try:
         check_against_reference(module, pattern, 150, 16, backend="triton")
     finally:
@@ -128,7 +129,8 @@ def test_cpu_path_both_gather_modes(tmp_path, name, share):
     module.CPU_SHARE_LIMIT = share
     module.CPU_CHUNK = 2  # several chunks even at small n
     check_against_reference(module, pattern, 300, 16, backend="torch")
-    modes = {module.get_layout(300, "cpu").cpu_gather(m, torch.float32)[0] for m in range(module.NUM_MASKS)}
+    layout = module.get_layout(300, "cpu")
+    modes = {module.cpu_gather(layout, m, torch.float32)[0] for m in range(module.NUM_MASKS)}
     assert modes == {"tile" if share == 0.0 else "chunk"}
 
 
@@ -167,16 +169,17 @@ def test_new_sequence_length_reuses_kernels_and_caches_layouts(modules):
     layout = module.get_layout(100, "cpu")
     assert module.get_layout(100, "cpu") is layout
     assert module.get_layout(64, "cpu") is not layout
-    for name, _, signature, configs in module.aot_specs("fp16", 64):
-        assert signature["n_ctx"] == "i32" and signature["P_l"] == "i32", name
+    assert layout.params_tensor.tolist() == [10]  # the kernels read runtime parameters through one pointer
+    for name, _, signature, configs in module_aot_specs(module)("fp16", 64):
+        assert signature["n_ctx"] == "i32" and signature["PARAMS"] == "*i32", name
         for constexprs, _ in configs:
-            assert "n_ctx" not in constexprs and "P_l" not in constexprs, name
+            assert "n_ctx" not in constexprs and "PARAMS" not in constexprs, name
 
 
 def test_long_sequence_layout_is_sparse(modules):
     """n = 65536 in closed form (bench/layout_speed.py times it): the local head's tiles hug the diagonal."""
     pattern = _example("strided")
-    layout = modules(pattern).Layout(65536, "cpu")
+    layout = modules(pattern).get_layout(65536, "cpu")
     tiles = layout.num_tiles
     nonempty = (layout.classes[0] != 0).sum().item()
     assert nonempty <= 3 * tiles, f"local(128) at block 64 should touch at most 3 tiles per row, got {nonempty}"

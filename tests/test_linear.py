@@ -1,20 +1,19 @@
 """Kernel heads (linear attention): the Triton kernels (in the interpreter) and the CPU path against the float64
-reference (patterncc/reference_linear.py, which builds the n x n matrix with its own feature maps), for the
+reference (patterncc/families/linear/naive.py, which builds the n x n matrix with its own feature maps), for the
 output and every gradient; gradcheck; decoding; FAVOR+'s no-leak property and projection; argument errors; and
 ahead-of-time compilation for sm_90 / sm_80 with spill-free configs."""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import AOT_PYTHON
+from conftest import run_aot_worker
 from linear_support import build_linear_module, check_linear, make_inputs
+
+from patterncc.families.linear import cpu as linear_cpu
+from patterncc.families.shared import launch
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"  # conftest.py sets it before triton is imported
 needs_interpreter = pytest.mark.skipif(not INTERPRETING, reason="the Triton kernels run on CPU only under "
@@ -112,7 +111,7 @@ def test_torch_gradcheck(lin, monkeypatch, feature_map, causal):
     """Finite differences in float64, over several chunks. favor runs with eps = 0, where its stabilisers cancel
     exactly: with eps > 0 the stabilisers (constants for differentiation, by design) move eps's weight, which
     finite differences see and the documented gradient does not."""
-    monkeypatch.setattr(lin, "_LINEAR_TORCH_CHUNK", 4)
+    monkeypatch.setattr(linear_cpu, "_LINEAR_TORCH_CHUNK", 4)
     q, k, v, _ = make_inputs(1, 2, 10, 4, torch.float64, seed=1)
     projection = lin.linear_favor_projection(2, 8, 4, seed=0).double() if feature_map == "favor" else None
     eps = 0.0 if feature_map == "favor" else 1e-6
@@ -228,19 +227,19 @@ def test_too_many_chunks_is_a_clear_error(lin):
 
 
 def test_launch_times_candidates_only_when_there_is_a_choice(lin, monkeypatch):
-    """On CUDA, _launch times candidate configs by rerunning the kernel on the call's own arguments. A call with no
-    candidates (the linear kernels: the scans update their states in place, so a rerun corrupts them) must run
+    """On CUDA, launch_kernel times candidate configs by rerunning the kernel on the call's own arguments. A call
+    with no candidates (the linear kernels: the scans update their states in place, so a rerun corrupts them) must run
     its kernel exactly once; a call with candidates times each spill-free one and then runs the fastest."""
 
-    class CudaTensor:  # what _launch reads of q
+    class CudaTensor:  # what launch_kernel reads of q
         is_cuda, dtype, shape = True, torch.float16, (1, 2, 64, 32)
 
     runs, timed = [], []
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(lin, "_SPILL_FREE", {})
-    monkeypatch.setattr(lin, "_CHOSEN", {})
-    monkeypatch.setattr(lin, "_compiles_without_spills", lambda kernel, grid, args, constexprs, config: True)
-    monkeypatch.setattr(lin, "_run", lambda kernel, grid, args, constexprs, config: runs.append(config))
+    monkeypatch.setattr(launch, "_SPILL_FREE", {})
+    monkeypatch.setattr(launch, "_CHOSEN", {})
+    monkeypatch.setattr(launch, "_compiles_without_spills", lambda kernel, grid, args, constexprs, config: True)
+    monkeypatch.setattr(launch, "_run_kernel", lambda kernel, grid, args, constexprs, config: runs.append(config))
     speed = {(32, 32, 8, 2): 2.0, (64, 32, 8, 2): 1.0}
 
     def do_bench(fn, **options):
@@ -248,12 +247,13 @@ def test_launch_times_candidates_only_when_there_is_a_choice(lin, monkeypatch):
         fn()
         return speed[runs[-1]]
 
-    monkeypatch.setattr(lin.triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(launch.triton.testing, "do_bench", do_bench)
     chain = [(32, 32, 8, 2), (16, 32, 4, 2)]
-    lin._launch("no_choice", None, None, (), {}, CudaTensor(), chain)
+    launch.launch_kernel("no_choice", None, None, (), {}, CudaTensor(), chain)
     assert runs == [chain[0]] and not timed, f"ran {runs}, timed {len(timed)} times: expected one plain run"
     runs.clear()
-    lin._launch("choice", None, None, (), {}, CudaTensor(), chain, candidates=[(32, 32, 8, 2), (64, 32, 8, 2)])
+    launch.launch_kernel("choice", None, None, (), {}, CudaTensor(), chain,
+                         candidates=[(32, 32, 8, 2), (64, 32, 8, 2)])
     assert len(timed) == 2 and runs[-1] == (64, 32, 8, 2), f"ran {runs}: expected the faster candidate last"
 
 
@@ -288,7 +288,6 @@ def test_chunk_follows_config_override(lin):
 
 # Ahead-of-time compilation -------------------------------------------------------------------------------------
 
-WORKER = Path(__file__).with_name("linear_aot_worker.py")
 # The full matrix (3 dtypes x 4 head dims x 42 kernel variants x 2 targets) runs with PATTERNCC_LINEAR_AOT=full;
 # by default fp16 and fp32 at head_dim 64.
 FULL_AOT = os.environ.get("PATTERNCC_LINEAR_AOT") == "full"
@@ -298,19 +297,7 @@ AOT_HEAD_DIMS = (16, 32, 64, 128) if FULL_AOT else (64,)
 
 @pytest.fixture(scope="module")
 def aot_reports():
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent),
-                                         env.get("PYTHONPATH", "")])
-
-    def run(capability):
-        result = subprocess.run([AOT_PYTHON, str(WORKER), str(capability), ",".join(AOT_DTYPES),
-                                 ",".join(map(str, AOT_HEAD_DIMS))], capture_output=True, text=True, env=env,
-                                timeout=3000, check=False)
-        assert result.returncode == 0, f"sm_{capability}: ahead-of-time compilation failed:\n{result.stderr[-4000:]}"
-        return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-
-    with ThreadPoolExecutor(max_workers=2) as pool:  # two cores: one compiling process per target
-        return [r for reports in pool.map(run, (90, 80)) for r in reports]
+    return run_aot_worker("family:linear", dtypes=AOT_DTYPES, head_dims=AOT_HEAD_DIMS)
 
 
 def test_aot_every_kernel_compiles(aot_reports):

@@ -1,25 +1,20 @@
 """Reformer LSH attention (hashed heads): the Triton kernels (in the interpreter) and the CPU path against the
-dense float64 reference in patterncc/reference_lsh.py, outputs and every gradient; the reference's own identity
+dense float64 reference in patterncc/families/lsh/naive.py, outputs and every gradient; the reference's own identity
 with softmax over the union of windows; determinism; ahead-of-time compilation for sm_90 and sm_80."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-from pathlib import Path
-
 import pytest
+import tolerance
 import torch
-from conftest import AOT_PYTHON
+from conftest import run_aot_worker
 from kernel_support import INTERPRETING
 from lsh_support import build_module
 
-from patterncc.reference import masked_attention
-from patterncc.reference_lsh import lsh_reference, lsh_union_mask, lsh_windows
+from patterncc.families.blocksparse.naive import masked_attention
+from patterncc.families.lsh.naive import lsh_reference, lsh_union_mask, lsh_windows
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-AOT_WORKER = Path(__file__).with_name("lsh_aot_worker.py")
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +28,16 @@ def make_inputs(batch, heads, n, dim, dtype, seed=0):
 
 
 def forward_backward(fn, q, k, v, grad):
-    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = fn(q, k, v)
-    out.backward(grad.to(out.dtype))
-    zeros = torch.zeros_like(k)  # with shared_qk k is unused: its gradient is 0
-    return {"out": out.detach(), "dq": q.grad, "dk": k.grad if k.grad is not None else zeros, "dv": v.grad}
+    results = tolerance.forward_backward(fn, q, k, v, grad)
+    if results["dk"] is None:  # with shared_qk k is unused: its gradient is 0
+        results["dk"] = torch.zeros_like(k)
+    return results
 
 
 def check(lsh, n, dim, rounds, buckets, chunk, causal, shared_qk, backend, dtype=torch.float32, heads=2, batch=1,
           factor=10.0, seed=0):
     """Output and dq, dk, dv against the float64 reference: max error <= factor x (the reference's own error when
-    computed in the inputs' dtype) + floor, FlexAttention's rule (tests/kernel_support.py).
+    computed in the inputs' dtype) + floor: tests/tolerance.py's max-error rule.
 
     The floor, 1e-7 x max(1, max|dO| x max|v|), is about a float32 ulp of dO_i . v_j: a row with a single key
     (frequent with several buckets and small n) has dS = P (dO_i . v_j - dO_i . O_i) = 0 exactly, which the
@@ -60,16 +54,7 @@ def check(lsh, n, dim, rounds, buckets, chunk, causal, shared_qk, backend, dtype
                                                                 backend=backend), q, k, v, grad)
     floor = 1e-7 * max(1.0, grad.abs().max().item() * v.abs().max().item())
     where = f"n={n} d={dim} R={rounds} buckets={buckets} c={chunk} causal={causal} shared={shared_qk} {backend}"
-    for name in ("out", "dq", "dk", "dv"):
-        got = tested[name]
-        assert got.shape == golden[name].shape, f"{name}: shape {tuple(got.shape)} != {tuple(golden[name].shape)}"
-        assert got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
-        assert torch.isfinite(got).all(), f"{name}: NaN or inf in the result ({where})"
-        err = (got.double() - golden[name]).abs().max().item()
-        eager_err = (eager[name].double() - golden[name]).abs().max().item()
-        bound = factor * eager_err + floor
-        assert err <= bound, f"{name}: max error {err:.3e} exceeds {factor} x eager {dtype} error {eager_err:.3e} " \
-                             f"({where})"
+    tolerance.assert_within_eager_error(tested, golden, eager, factor, floor, where, dtype=dtype)
     return q, k, v, rotations, tested
 
 
@@ -245,18 +230,7 @@ def test_bad_inputs_raise(lsh, bad, message):
 
 @pytest.fixture(scope="module")
 def aot_reports():
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent),
-                                         env.get("PYTHONPATH", "")])
-    # Two processes, one per target: this machine has two cores.
-    runs = [subprocess.Popen([AOT_PYTHON, str(AOT_WORKER), capability], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env) for capability in ("90", "80")]
-    reports = []
-    for run in runs:
-        stdout, stderr = run.communicate(timeout=1200)
-        assert run.returncode == 0, f"ahead-of-time compilation failed:\n{stderr[-4000:]}"
-        reports += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return reports
+    return run_aot_worker("family:lsh", timeout=1200)
 
 
 def test_every_kernel_compiles_for_sm90_and_sm80(aot_reports):

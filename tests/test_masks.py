@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import patterncc
+from patterncc.mask import pattern_mask
 
 NS = [1, 37, 64, 130]
 
@@ -26,7 +27,7 @@ def head(body: str, params: str = "", causal: bool = False, block: int = 64) -> 
 
 
 def assert_mask(pattern, n: int, expected: torch.Tensor, head_index: int = 0, layer: int = 0) -> None:
-    got = pattern.mask(n, layer=layer)[head_index]
+    got = pattern_mask(pattern, n, layer=layer)[head_index]
     if not torch.equal(got, expected):
         wrong = (got != expected).nonzero()
         i, j = (int(x) for x in wrong[0])
@@ -76,7 +77,7 @@ def test_primitive_matches_formula(source, params, formula, causal, n):
 def test_causal_local_is_the_papers_a1(causal):
     """With causal, local(l) is A(1) = {max(0, i - l), .., i}."""
     n, ell = 50, 6
-    got = head("local(l)", f"l = {ell}", causal=causal).mask(n)[0]
+    got = pattern_mask(head("local(l)", f"l = {ell}", causal=causal), n)[0]
     for i in range(n):
         lo, hi = max(0, i - ell), i if causal else min(n - 1, i + ell)
         assert got[i].nonzero().flatten().tolist() == list(range(lo, hi + 1)), f"row {i}"
@@ -160,7 +161,7 @@ def test_set_algebra(expr, formula, causal):
 @pytest.mark.parametrize("n, block, r", [(64, 16, 2), (100, 16, 3), (130, 32, 1), (40, 16, 9)],
                          ids=["N64-B16-r2", "N100-B16-r3", "N130-B32-r1", "N40-B16-r9-more-than-blocks"])
 def test_random_sees_r_allowed_blocks(n, block, r, causal):
-    mask = head(f"random({r}, seed = 5)", causal=causal, block=block).mask(n)[0]
+    mask = pattern_mask(head(f"random({r}, seed = 5)", causal=causal, block=block), n)[0]
     support = brute(n, lambda i, j: True, causal)
     blocks = math.ceil(n / block)
     for qb in range(blocks):
@@ -180,7 +181,7 @@ def test_random_sees_r_allowed_blocks(n, block, r, causal):
 
 def test_random_is_deterministic_and_seeded():
     def draw(seed):
-        return head(f"random(2, seed = {seed})", block=16).mask(160)[0]
+        return pattern_mask(head(f"random(2, seed = {seed})", block=16), 160)[0]
 
     assert torch.equal(draw(1), draw(1))
     assert not torch.equal(draw(1), draw(2))
@@ -188,7 +189,7 @@ def test_random_is_deterministic_and_seeded():
 
 def test_random_golden_table():
     """The seeded draw is part of the language: the same blocks on every run, machine and torch version."""
-    mask = head("random(2, seed = 3)", block=16).mask(96)[0]
+    mask = pattern_mask(head("random(2, seed = 3)", block=16), 96)[0]
     table = mask[::16, ::16].int().tolist()
     assert table == RANDOM_GOLDEN, f"random(2, seed = 3) at 6 x 6 blocks changed: {table}"
 
@@ -211,7 +212,7 @@ def test_head_group_h_gives_distinct_subblocks():
     ell, c, n = 16, 4, 50
     pattern = patterncc.parse(f"pattern p(l = {ell}, c = {c}) {{ causal\n"
                               "head s[4] = where j % l >= l - (h + 1) * c and j % l < l - h * c }")
-    masks = pattern.mask(n)
+    masks = pattern_mask(pattern, n)
     assert masks.shape == (4, n, n)
     for h in range(4):
         expected = brute(n, lambda i, j, h=h: ell - (h + 1) * c <= j % ell < ell - h * c, causal=True)
@@ -221,7 +222,7 @@ def test_head_group_h_gives_distinct_subblocks():
 
 def test_multihead_keeps_declaration_order():
     pattern = patterncc.parse("pattern p() { head a[2] = local(1 + h)\n head b = stride(4) }")
-    masks = pattern.mask(30)
+    masks = pattern_mask(pattern, 30)
     assert masks.shape == (3, 30, 30)
     assert torch.equal(masks[0], brute(30, _local(1)))
     assert torch.equal(masks[1], brute(30, _local(2)))
@@ -231,7 +232,7 @@ def test_multihead_keeps_declaration_order():
 def test_merged_gives_every_head_the_union():
     pattern = patterncc.parse(
         "pattern p() { causal\n combine merged\n head a = chunk(8)\n head b[2] = summary(8, 1 + h) }")
-    masks = pattern.mask(40)
+    masks = pattern_mask(pattern, 40)
     union = brute(40, lambda i, j: _chunk(8)(i, j) or _summary(8, 2)(i, j), causal=True)
     assert masks.shape == (3, 40, 40)
     for k in range(3):
@@ -241,7 +242,7 @@ def test_merged_gives_every_head_the_union():
 @pytest.mark.parametrize("layer", [0, 1, 2, 3, 7])
 def test_interleaved_layer_r_uses_group_r_mod_p(layer):
     pattern = patterncc.parse("pattern p() { combine interleaved\n head a = local(2)\n head b[2] = stride(3 + h) }")
-    masks = pattern.mask(33, layer=layer)
+    masks = pattern_mask(pattern, 33, layer=layer)
     assert masks.shape == (3, 33, 33)  # every layer has all three attention heads
     for k in range(3):
         if layer % 2 == 0:
@@ -255,7 +256,7 @@ def test_interleaved_layer_r_uses_group_r_mod_p(layer):
 def test_kernel_and_hashed_heads_give_their_support(causal):
     pattern = patterncc.parse(f"pattern p() {{ {'causal' if causal else ''}\n head k = kernel(elu1)\n"
                               "head r = hashed(buckets = 4)\n head s = local(1) }")
-    masks = pattern.mask(20)
+    masks = pattern_mask(pattern, 20)
     support = brute(20, lambda i, j: True, causal)
     assert torch.equal(masks[0], support) and torch.equal(masks[1], support)
     assert torch.equal(masks[2], brute(20, _local(1), causal))
@@ -273,7 +274,7 @@ EXAMPLE_HEADS = {  # the formulas in each example's comments, at its default par
 @pytest.mark.parametrize("name", EXAMPLE_HEADS)
 def test_examples_match_their_comments(examples_dir, name):
     n = 300
-    masks = patterncc.parse(examples_dir / f"{name}.attn").mask(n)
+    masks = pattern_mask(patterncc.parse(examples_dir / f"{name}.attn"), n)
     assert masks.shape[0] == len(EXAMPLE_HEADS[name])
     for k, formula in enumerate(EXAMPLE_HEADS[name]):
         assert torch.equal(masks[k], brute(n, formula, causal=True)), f"{name} head {k}"

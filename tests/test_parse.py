@@ -9,7 +9,9 @@ import torch
 
 import patterncc
 from patterncc import ast, ir
+from patterncc.mask import pattern_mask
 from patterncc.parse import parse_source
+from patterncc.semantics import bind_pattern
 
 
 def test_every_example_parses(example_file: Path):
@@ -19,8 +21,8 @@ def test_every_example_parses(example_file: Path):
         assert p.name == name
         assert p.heads, f"{name} has no heads"
         assert p.filename == str(example_file)
-        mask = p.mask(100)
-        assert mask.shape == (p.bind(100).num_heads, 100, 100)
+        mask = pattern_mask(p, 100)
+        assert mask.shape == (bind_pattern(p, 100).num_heads, 100, 100)
         assert mask.dtype == torch.bool
 
 
@@ -106,14 +108,14 @@ def test_semicolons_and_newlines_are_optional_separators():
 
 def test_defaults_use_n_and_earlier_params():
     p = patterncc.parse("pattern p(l = isqrt(n), c = l // 4 + 1, w = l * c) { head a = summary(l, c) }")
-    assert dict(p.bind(100).env) == {"l": 10, "c": 3, "w": 30}
-    assert dict(p.bind(1000).env) == {"l": 31, "c": 8, "w": 248}
+    assert dict(bind_pattern(p, 100).env) == {"l": 10, "c": 3, "w": 30}
+    assert dict(bind_pattern(p, 1000).env) == {"l": 31, "c": 8, "w": 248}
     assert p.depends_on_n() == {"l", "c", "w"}
 
 
 def test_lets_are_evaluated_exactly():
     p = patterncc.parse("pattern p(l = 8) { let big = l * 3; let half = (big + n) // 2\n head a = local(half) }")
-    assert dict(p.bind(10).env) == {"l": 8, "big": 24, "half": 17}
+    assert dict(bind_pattern(p, 10).env) == {"l": 8, "big": 24, "half": 17}
 
 
 def test_lets_over_positions_and_conditions_are_inlined():
@@ -126,21 +128,21 @@ def test_lets_over_positions_and_conditions_are_inlined():
 def test_override_from_python(examples_dir: Path):
     p = patterncc.parse(examples_dir / "strided.attn", l=64)
     assert p.params == (ir.Param("l", ir.Const(64)),)
-    assert p.bind(512).env["l"] == 64
+    assert bind_pattern(p, 512).env["l"] == 64
     text = (examples_dir / "strided.attn").read_text().replace("l = 128", "l = 64")
-    assert torch.equal(p.mask(300), patterncc.parse(text).mask(300))
+    assert torch.equal(pattern_mask(p, 300), pattern_mask(patterncc.parse(text), 300))
 
 
 def test_override_supplies_a_parameter_without_default():
     text = "pattern p(l, c = l // 2) { head a = fixed(l, c) }"
     p = patterncc.parse(text, l=10)
-    assert dict(p.bind(50).env) == {"l": 10, "c": 5}
+    assert dict(bind_pattern(p, 50).env) == {"l": 10, "c": 5}
 
 
 def test_head_groups_expand_with_h():
     p = patterncc.parse("pattern p(l = 16, c = 4) { head s[4] = where j % l >= l - (h + 1) * c and j % l < l - h * c "
                         "\n head t = local(1) }")
-    bound = p.bind(64)
+    bound = bind_pattern(p, 64)
     assert bound.counts == (4, 1) and bound.num_heads == 5
     assert [h for (_, h), in bound.head_sets()] == [0, 1, 2, 3, 0]
 

@@ -10,7 +10,9 @@ import torch
 import patterncc
 from patterncc.analysis.layout import EMPTY, FULL, head_layout
 from patterncc.analysis.permute import Permutation, candidate_periods, choose_permutation, search_permutation
+from patterncc.mask import pattern_mask
 from patterncc.runtime.tiles import single_threaded
+from patterncc.semantics import bind_pattern
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 
@@ -52,11 +54,11 @@ def test_permuted_layout_is_sound(case: str, n: int):
     """EMPTY and FULL tiles of the permuted layout agree with the mask gathered through the permutation."""
     text, period = SOUNDNESS[case]
     pattern = patterncc.parse(text)
-    bound = pattern.bind(n)
+    bound = bind_pattern(pattern, n)
     perm = Permutation(period)
     positions = perm.positions(n)
     classes = head_layout(bound, bound.head_sets(0)[0], positions=positions).classes
-    mask = pattern.mask(n)[0][positions][:, positions]  # [slot_q, slot_k]
+    mask = pattern_mask(pattern, n)[0][positions][:, positions]  # [slot_q, slot_k]
     block = bound.block
     tiles = -(-n // block)
     padded = torch.zeros(tiles * block, tiles * block, dtype=torch.bool)
@@ -68,7 +70,7 @@ def test_permuted_layout_is_sound(case: str, n: int):
 
 def test_stride_becomes_much_sparser():
     pattern = patterncc.parse(EXAMPLES_DIR / "strided.attn", l=64)
-    bound = pattern.bind(4096)
+    bound = bind_pattern(pattern, 4096)
     local_pairs, stride_pairs = bound.head_sets(0)
     choice = search_permutation(bound, stride_pairs)
     assert choice.chosen == Permutation(64)
@@ -84,22 +86,22 @@ def test_stride_becomes_much_sparser():
 def test_mixed_local_and_stride_is_not_permuted():
     """strided's merged union: the transpose that helps stride(l) scatters local(l), so no permutation."""
     pattern = patterncc.parse(EXAMPLES_DIR / "strided.attn", l=64)
-    bound = pattern.bind(4096)
+    bound = bind_pattern(pattern, 4096)
     merged = tuple(pair for pairs in bound.head_sets(0) for pair in pairs)
     choice = search_permutation(bound, merged)
     assert choice.candidates and choice.chosen is None
     assert choose_permutation(bound, merged) is None
     hybrid = patterncc.parse(EXAMPLES_DIR / "hybrid.attn", l=64)
-    hybrid_bound = hybrid.bind(4096)
+    hybrid_bound = bind_pattern(hybrid, 4096)
     far = next(pairs for pairs in hybrid_bound.head_sets(0) if pairs[0][0].name == "far")
     assert choose_permutation(hybrid_bound, far) is None  # stride(l) | local(16)
 
 
 def test_candidates_are_the_evaluated_moduli():
     pattern = patterncc.parse(EXAMPLES_DIR / "dilated.attn", d=3)
-    bound = pattern.bind(512)
+    bound = bind_pattern(pattern, 512)
     assert [candidate_periods(bound, pairs) for pairs in bound.head_sets(0)] == [[], [3], [6]]
     linear = patterncc.parse(EXAMPLES_DIR / "linear.attn")
-    linear_bound = linear.bind(256)
+    linear_bound = bind_pattern(linear, 256)
     assert candidate_periods(linear_bound, linear_bound.head_sets(0)[0]) == []
     assert choose_permutation(linear_bound, linear_bound.head_sets(0)[0]) is None

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 import patterncc
 from patterncc.format import format_patterns
+from patterncc.mask import pattern_mask
+from patterncc.semantics import bind_pattern
 
 Pred = Callable[[int, int], bool]
 
@@ -94,7 +96,7 @@ def brute(n: int, formula: Pred, causal: bool) -> torch.Tensor:
 def test_set_algebra_laws(a: SetTree, b: SetTree, causal: bool, n: int):
     source = (f"pattern p() {{ {'causal' if causal else ''}\n block 16\n head a = {a.text}\n head b = {b.text}\n"
               f"head u = {a.text} | {b.text}\n head x = {a.text} & {b.text}\n head d = {a.text} - {b.text} }}")
-    ma, mb, mu, mx, md = patterncc.parse(source).mask(n)
+    ma, mb, mu, mx, md = pattern_mask(patterncc.parse(source), n)
     assert torch.equal(mu, ma | mb), f"mask(A | B) != mask(A) | mask(B)\n{source}"
     assert torch.equal(mx, ma & mb), f"mask(A & B) != mask(A) & mask(B)\n{source}"
     assert torch.equal(md, ma & ~mb), f"mask(A - B) != mask(A) & ~mask(B)\n{source}"
@@ -114,8 +116,8 @@ def _unparenthesized(text: str) -> str:
 def test_precedence_without_parentheses(tree: SetTree, n: int):
     """`-` binds tighter than `&`, which binds tighter than `|`: minimal parentheses mean the same set."""
     bare = _unparenthesized(tree.text)
-    full = patterncc.parse(f"pattern p() {{ block 16\n head a = {tree.text} }}").mask(n)
-    minimal = patterncc.parse(f"pattern p() {{ block 16\n head a = {bare} }}").mask(n)
+    full = pattern_mask(patterncc.parse(f"pattern p() {{ block 16\n head a = {tree.text} }}"), n)
+    minimal = pattern_mask(patterncc.parse(f"pattern p() {{ block 16\n head a = {bare} }}"), n)
     assert torch.equal(full, minimal), f"{tree.text} vs {bare}"
 
 
@@ -188,7 +190,7 @@ bool_expr = st.recursive(
 @given(pred=bool_expr, n=st.integers(1, 14), k=st.integers(-3, 9))
 def test_where_evaluates_like_python(pred: ExprTree, n: int, k: int):
     pattern = patterncc.parse(f"pattern p(k = {k}) {{ head a[2] = where {pred.text} }}")
-    masks = pattern.mask(n)
+    masks = pattern_mask(pattern, n)
     for h in range(2):
         expected = torch.tensor([[bool(pred.value({"i": i, "j": j, "n": n, "k": k, "h": h})) for j in range(n)]
                                  for i in range(n)], dtype=torch.bool).reshape(n, n)
@@ -247,9 +249,9 @@ def only_pattern_errors(source: str) -> None:
     try:
         patterns = patterncc.parse_all(source)
         for p in patterns.values():
-            bound = p.bind(8)
+            bound = bind_pattern(p, 8)
             if bound.num_heads <= 64:
-                p.mask(8)
+                pattern_mask(p, 8)
     except patterncc.PatternError:
         pass
 

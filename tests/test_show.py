@@ -10,6 +10,8 @@ from PIL import Image
 
 import patterncc
 from patterncc import PatternUsageError, show
+from patterncc.mask import pattern_mask
+from patterncc.semantics import bind_pattern
 
 
 def open_png(path: Path) -> Image.Image:
@@ -57,8 +59,8 @@ def test_query_row_matches_the_mask(examples_dir: Path, query: int):
     """The --grid row is computed without the n x n mask; it must be the mask's row."""
     for path in sorted(examples_dir.glob("*.attn")):
         pattern = patterncc.parse(path)
-        bound = pattern.bind(130)
-        masks = pattern.mask(130)
+        bound = bind_pattern(pattern, 130)
+        masks = pattern_mask(pattern, 130)
         for k, pairs in enumerate(bound.head_sets()):
             row = show.query_row(bound, pairs, query)
             assert torch.equal(row, masks[k, query]), f"{path.name} head {k} query {query}"

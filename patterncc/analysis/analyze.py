@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from .. import ir
 from ..errors import PatternUsageError, warn
 from ..runtime import tiles
+from ..semantics import bind_pattern
 from . import cost as cost_mod
 from .coverage import CoverageResult, coverage
 from .layout import BlockLayout, head_layout
@@ -139,7 +140,7 @@ def analyze(pattern: ir.Pattern, n: int, layer: int = 0, max_steps: int = 8) -> 
 
 def _analyze(pattern: ir.Pattern, n: int, layer: int, max_steps: int) -> Analysis:
     # 1. bind and list distinct heads
-    bound = pattern.bind(n)
+    bound = bind_pattern(pattern, n)
     entries = []  # (name, group, h or None, count)
     for group, count in zip(pattern.heads, bound.counts):
         if group.uses_head_index:

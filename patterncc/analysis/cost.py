@@ -55,28 +55,35 @@ class _Symbolic:
             self.lets[name] = self.expr(value)
 
     def expr(self, e: ir.Expr) -> sympy.Expr:
-        if isinstance(e, ir.Const):
-            return sympy.Integer(int(e.value))
-        if isinstance(e, ir.Var):
-            if e.name == "h":
-                return sympy.Integer(self.h)
-            if e.name in self.lets:
-                return self.lets[e.name]
-            return N if e.name == "n" else sympy.Symbol(e.name, positive=True, integer=True)
-        if isinstance(e, ir.Neg):
-            return -self.expr(e.operand)
-        if isinstance(e, ir.Call):
-            args = [self.expr(a) for a in e.args]
-            if e.func == "isqrt":
-                return sympy.floor(sympy.sqrt(args[0]))
-            return {"abs": sympy.Abs, "min": sympy.Min, "max": sympy.Max}[e.func](*args)
-        assert isinstance(e, ir.BinOp) and e.op in ir.INT_OPS, e
-        a, b = self.expr(e.left), self.expr(e.right)
-        if e.op == "//":
-            return sympy.floor(a / b)
-        if e.op == "%":
-            return sympy.Mod(a, b)
-        return {"+": a + b, "-": a - b, "*": a * b}[e.op]
+        return ir.fold_expr(e, const=lambda c: sympy.Integer(int(c.value)), var=self._var, neg=lambda _, a: -a,
+                            not_=_not_an_integer, call=_sympy_call, binop=_sympy_binop)
+
+    def _var(self, v: ir.Var) -> sympy.Expr:
+        if v.name == "h":
+            return sympy.Integer(self.h)
+        if v.name in self.lets:
+            return self.lets[v.name]
+        return N if v.name == "n" else sympy.Symbol(v.name, positive=True, integer=True)
+
+
+def _not_an_integer(e: ir.Expr, *_) -> sympy.Expr:
+    raise AssertionError(e)
+
+
+def _sympy_call(e: ir.Call, args: list[sympy.Expr]) -> sympy.Expr:
+    if e.func == "isqrt":
+        return sympy.floor(sympy.sqrt(args[0]))
+    return {"abs": sympy.Abs, "min": sympy.Min, "max": sympy.Max}[e.func](*args)
+
+
+def _sympy_binop(e: ir.BinOp, a: sympy.Expr, b: sympy.Expr) -> sympy.Expr:
+    if e.op not in ir.INT_OPS:
+        _not_an_integer(e)
+    if e.op == "//":
+        return sympy.floor(a / b)
+    if e.op == "%":
+        return sympy.Mod(a, b)
+    return {"+": a + b, "-": a - b, "*": a * b}[e.op]
 
 
 def head_cost(pattern: ir.Pattern, group: ir.HeadGroup, h: int, block: int) -> Cost:
@@ -104,35 +111,39 @@ def union_cost(parts: list[Cost], pattern: ir.Pattern) -> Cost:
 
 
 def _set_cost(node: ir.SetExpr, sym: _Symbolic, causal: bool, block: int, notes: list[str]) -> sympy.Expr:
-    if isinstance(node, ir.Union):
-        return _set_cost(node.left, sym, causal, block, notes) + _set_cost(node.right, sym, causal, block, notes)
-    if isinstance(node, ir.Intersect):
-        return sympy.Min(_set_cost(node.left, sym, causal, block, notes),
-                         _set_cost(node.right, sym, causal, block, notes))
-    if isinstance(node, ir.Difference):
-        return _set_cost(node.left, sym, causal, block, notes)
+    """Union: the sum; intersection: the smaller side; difference: the left side (notes only from what counts)."""
+    formula, set_notes = ir.fold_set(
+        node, primitive=lambda p: _primitive_cost(p, sym, causal, block),
+        union=lambda a, b: (a[0] + b[0], a[1] + b[1]),
+        intersect=lambda a, b: (sympy.Min(a[0], b[0]), a[1] + b[1]), difference=lambda a, b: a)
+    notes.extend(set_notes)
+    return formula
+
+
+def _primitive_cost(node: ir.SetPrimitive, sym: _Symbolic, causal: bool, block: int
+                    ) -> tuple[sympy.Expr, tuple[str, ...]]:
+    """(keys per row, notes) of one primitive."""
     if isinstance(node, ir.Local):
-        return _window(sym.expr(node.w), causal)
+        return _window(sym.expr(node.w), causal), ()
     if isinstance(node, ir.Stride):
-        return N / sym.expr(node.l) + 1
+        return N / sym.expr(node.l) + 1, ()
     if isinstance(node, ir.Chunk):
-        return sym.expr(node.l)
+        return sym.expr(node.l), ()
     if isinstance(node, ir.Summary):
-        return sym.expr(node.c) * (N / sym.expr(node.l) + 1)
+        return sym.expr(node.c) * (N / sym.expr(node.l) + 1), ()
     if isinstance(node, ir.Global):
-        return N  # the first g rows see every key
+        return N, ()  # the first g rows see every key
     if isinstance(node, ir.Dilated):
-        return _window(sym.expr(node.w), causal)
+        return _window(sym.expr(node.w), causal), ()
     if isinstance(node, ir.Random):
-        return sym.expr(node.r) * block
+        return sym.expr(node.r) * block, ()
     if isinstance(node, ir.Dense):
-        return N
+        return N, ()
     assert isinstance(node, ir.Where)
     bound = _predicate_cost(node.pred, sym, causal)
     if bound is None:
-        notes.append(NO_CLOSED_FORM)
-        return N
-    return bound
+        return N, (NO_CLOSED_FORM,)
+    return bound, ()
 
 
 def _window(w: sympy.Expr, causal: bool) -> sympy.Expr:
@@ -149,17 +160,9 @@ def _predicate_cost(pred: ir.Expr, sym: _Symbolic, causal: bool) -> sympy.Expr |
         left, right = _predicate_cost(pred.left, sym, causal), _predicate_cost(pred.right, sym, causal)
         return None if left is None or right is None else left + right
     constraints = _Constraints(sym)
-    for atom in _conjuncts(pred):
+    for atom in ir.conjuncts(pred):
         constraints.add(atom)
     return constraints.bound(causal)
-
-
-def _conjuncts(pred: ir.Expr):
-    if isinstance(pred, ir.BinOp) and pred.op == "and":
-        yield from _conjuncts(pred.left)
-        yield from _conjuncts(pred.right)
-    else:
-        yield pred
 
 
 _FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}

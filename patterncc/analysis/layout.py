@@ -20,45 +20,43 @@ EMPTY, PARTIAL, FULL = tiles.EMPTY, tiles.PARTIAL, tiles.FULL
 _ROWS_PER_CHUNK = 256  # query tiles classified at once; bounds memory at 256 x num_key_tiles int64s per value
 
 
+_CALLS = {"abs": tiles.abs_, "isqrt": tiles.isqrt, "min": tiles.minimum, "max": tiles.maximum}
+_ARITHMETIC = {"+": tiles.add, "-": tiles.sub, "*": tiles.mul, "//": tiles.floordiv, "%": tiles.mod}
+
+
 def abstract_expr(expr: ir.Expr, env: dict):
     """Evaluate an IR expression over tiles: integers become `tiles.SI`, conditions (may_true, may_false)."""
-    if isinstance(expr, ir.Const):
-        return tiles.truth(expr.value) if isinstance(expr.value, bool) else tiles.const(expr.value)
-    if isinstance(expr, ir.Var):
-        value = env[expr.name]
+
+    def var(v: ir.Var):
+        value = env[v.name]
         return tiles.const(value) if isinstance(value, int) else value
-    if isinstance(expr, ir.Neg):
-        return tiles.neg(abstract_expr(expr.operand, env))
-    if isinstance(expr, ir.Not):
-        return tiles.not_(abstract_expr(expr.operand, env))
-    if isinstance(expr, ir.Call):
-        args = [abstract_expr(a, env) for a in expr.args]
-        return {"abs": tiles.abs_, "isqrt": tiles.isqrt, "min": tiles.minimum, "max": tiles.maximum}[expr.func](*args)
-    assert isinstance(expr, ir.BinOp)
-    a, b = abstract_expr(expr.left, env), abstract_expr(expr.right, env)
+
+    return ir.fold_expr(
+        expr, const=lambda c: tiles.truth(c.value) if isinstance(c.value, bool) else tiles.const(c.value), var=var,
+        neg=lambda _, a: tiles.neg(a), not_=lambda _, a: tiles.not_(a), call=lambda e, args: _CALLS[e.func](*args),
+        binop=_abstract_binop)
+
+
+def _abstract_binop(expr: ir.BinOp, a, b):
     if expr.op == "and":
         return tiles.and_(a, b)
     if expr.op == "or":
         return tiles.or_(a, b)
     if expr.op in ir.COMPARE_OPS:
         return tiles.compare(expr.op, a, b)
-    return {"+": tiles.add, "-": tiles.sub, "*": tiles.mul, "//": tiles.floordiv, "%": tiles.mod}[expr.op](a, b)
+    return _ARITHMETIC[expr.op](a, b)
 
 
 def abstract_set(s: ir.SetExpr, env: dict, random_tables: dict):
-    if isinstance(s, ir.Random):
-        table = random_tables[s]
-        block = env["__block__"]
-        return tiles.lookup(table, tiles.floordiv(env["i"], tiles.const(block)),
-                            tiles.floordiv(env["j"], tiles.const(block)))
-    if isinstance(s, ir.SetPrimitive):
-        return abstract_expr(s.predicate(), env)
-    left, right = abstract_set(s.left, env, random_tables), abstract_set(s.right, env, random_tables)
-    if isinstance(s, ir.Union):
-        return tiles.or_(left, right)
-    if isinstance(s, ir.Intersect):
-        return tiles.and_(left, right)
-    return tiles.and_(left, tiles.not_(right))
+    def primitive(p: ir.SetPrimitive):
+        if isinstance(p, ir.Random):
+            block = env["__block__"]
+            return tiles.lookup(random_tables[p], tiles.floordiv(env["i"], tiles.const(block)),
+                                tiles.floordiv(env["j"], tiles.const(block)))
+        return abstract_expr(p.predicate(), env)
+
+    return ir.fold_set(s, primitive=primitive, union=tiles.or_, intersect=tiles.and_,
+                       difference=lambda a, b: tiles.and_(a, tiles.not_(b)))
 
 
 def random_tables(bound: ir.Bound, body: ir.SetExpr, h: int) -> dict:

@@ -1,10 +1,7 @@
-"""`patterncc check`: analyze every pattern of a file (or one, with --pattern) and print the facts as rich tables,
-or as JSON with --json (schema: docs/check-json.md)."""
+"""The text of `patterncc check`: which patterns a command line selects, and an analysis as rich tables (the JSON
+form is `Analysis.to_json`, schema: docs/check-json.md)."""
 
 from __future__ import annotations
-
-import json
-import sys
 
 from rich.console import Console
 from rich.table import Table
@@ -12,27 +9,10 @@ from rich.table import Table
 from .. import api, ir
 from ..errors import PatternUsageError
 from ..semantics import override_params
-from .analyze import Analysis, HeadAnalysis, analyze
+from .analyze import Analysis, HeadAnalysis
 from .cost import format_order
 
 JSON_SCHEMA_VERSION = 1
-
-
-def run_check(args) -> int:
-    """Entry point of the CLI's `check`: args.file, args.n, args.params (-D), args.pattern, args.json,
-    args.max_steps, args.layer."""
-    patterns = select_patterns(args.file, args.pattern, args.params or {})
-    analyses = [analyze(p, args.n, layer=args.layer, max_steps=args.max_steps) for p in patterns]
-    if args.json:
-        document = {"schema_version": JSON_SCHEMA_VERSION, "patterns": [a.to_json() for a in analyses]}
-        print(json.dumps(document, indent=2))
-        return 0
-    console = Console(width=None if sys.stdout.isatty() else 150, highlight=False)
-    for index, analysis in enumerate(analyses):
-        if index:
-            console.print()
-        print_analysis(console, analysis)
-    return 0
 
 
 def select_patterns(path, name: str | None, params: dict[str, int]) -> list[ir.Pattern]:

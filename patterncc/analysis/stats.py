@@ -163,23 +163,14 @@ class _TileEvaluator:
         return np.where(rows < self.n, col_word[:, None], np.uint64(0))
 
     def set_words(self, node: ir.SetExpr) -> np.ndarray:
-        if isinstance(node, ir.Random):
-            return self._random_words(node)
-        if isinstance(node, ir.SetPrimitive):
-            return self.pred_words(node.predicate())
-        left, right = self.set_words(node.left), self.set_words(node.right)
-        if isinstance(node, ir.Union):
-            return left | right
-        if isinstance(node, ir.Intersect):
-            return left & right
-        return left & ~right
+        return ir.fold_set_bool(node, lambda p: self._random_words(p) if isinstance(p, ir.Random)
+                                else self.pred_words(p.predicate()))
 
     def pred_words(self, expr: ir.Expr) -> np.ndarray:
-        if isinstance(expr, ir.BinOp) and expr.op in ("and", "or"):
-            left, right = self.pred_words(expr.left), self.pred_words(expr.right)
-            return left & right if expr.op == "and" else left | right
-        if isinstance(expr, ir.Not):
-            return ~self.pred_words(expr.operand)
+        return ir.fold_bool(expr, atom=self._atom_words, and_=np.bitwise_and, or_=np.bitwise_or,
+                            not_=np.invert)
+
+    def _atom_words(self, expr: ir.Expr) -> np.ndarray:
         free = expr.free_vars()
         if not free & {"i", "j"}:
             return self._constant(bool(eval_expr(expr, self.env)))
@@ -257,24 +248,8 @@ def _pack(bits: np.ndarray) -> np.ndarray:
 
 def _as_distance(expr: ir.Expr) -> ir.Expr:
     """`expr` with every `i - j` replaced by the distance variable (and `j - i` by its negation)."""
-    if isinstance(expr, ir.BinOp) and expr.op == "-" and isinstance(expr.left, ir.Var) \
-            and isinstance(expr.right, ir.Var):
-        names = (expr.left.name, expr.right.name)
-        if names == ("i", "j"):
-            return ir.Var(_DIFF)
-        if names == ("j", "i"):
-            return ir.Neg(ir.Var(_DIFF))
-    if isinstance(expr, (ir.Const, ir.Var)):
-        return expr
-    if isinstance(expr, ir.BinOp):
-        return ir.BinOp(expr.op, _as_distance(expr.left), _as_distance(expr.right))
-    if isinstance(expr, ir.Neg):
-        return ir.Neg(_as_distance(expr.operand))
-    if isinstance(expr, ir.Not):
-        return ir.Not(_as_distance(expr.operand))
-    if isinstance(expr, ir.Call):
-        return ir.Call(expr.func, tuple(_as_distance(a) for a in expr.args))
-    return expr
+    distances = {ir.sub(ir.I, ir.J): ir.Var(_DIFF), ir.sub(ir.J, ir.I): ir.Neg(ir.Var(_DIFF))}
+    return ir.map_expr(expr, lambda e: distances.get(e, e))
 
 
 # A head as explicit pairs plus residue windows (for coverage) ---------------------------------------------------------
@@ -304,7 +279,7 @@ def step_pairs(bound: ir.Bound, group: ir.HeadGroup, h: int, whole: Connectivity
     if group.family != "set":
         support = whole or body_connectivity(bound, ir.Dense(), h)
         return StepPairs(support, whole=support)
-    members = list(_union_members(group.body))
+    members = ir.union_members(group.body)
     env = {**bound.env, "n": bound.n, "h": h}
     windows = [_residue_window(m, env) for m in members]
     residues = frozenset(w for w in windows if w is not None)
@@ -318,14 +293,6 @@ def step_pairs(bound: ir.Bound, group: ir.HeadGroup, h: int, whole: Connectivity
     for member in rest[1:]:
         body = ir.Union(body, member)
     return StepPairs(body_connectivity(bound, body, h), residues, whole)
-
-
-def _union_members(node: ir.SetExpr):
-    if isinstance(node, ir.Union):
-        yield from _union_members(node.left)
-        yield from _union_members(node.right)
-    else:
-        yield node
 
 
 def _residue_window(node: ir.SetExpr, env: dict) -> tuple[int, int | None] | None:

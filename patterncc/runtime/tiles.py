@@ -49,7 +49,8 @@ def _clamp(s: SI) -> SI:
     wide = (s.lo < -_BIG) | (s.hi > _BIG)
     if not bool(torch.as_tensor(wide).any()):
         return s
-    return SI(torch.where(wide, -_BIG, s.lo), torch.where(wide, _BIG, s.hi), torch.where(wide, 1, s.st))
+    return SI(torch.where(wide, -_BIG, s.lo), torch.where(wide, _BIG, s.hi),
+              torch.where(wide, 1, s.st))
 
 
 def tile_positions(positions: torch.Tensor, n: int, tile: int) -> SI:
@@ -329,3 +330,12 @@ def classify_tiles(predicate, q_tiles: SI, k_tiles: SI, n: int, tile_m: int, til
     if n % tile_n:
         classes[:, -1][classes[:, -1] == FULL] = PARTIAL
     return classes
+
+
+# A grid permutation is used for a sequence length only where it at least halves the tiles computed there (the
+# analysis chooses candidates by the same rule at its reference length).
+PERMUTATION_GAIN = 0.5
+
+
+def permutation_pays(permuted_tiles: int, natural_tiles: int) -> bool:
+    return permuted_tiles <= PERMUTATION_GAIN * natural_tiles

@@ -13,7 +13,8 @@ import os
 import pytest
 import torch
 from conftest import EXAMPLES_DIR
-from kernel_support import assert_rms_close, build, check_against_reference, family_results
+from kernel_support import build, check_against_reference, family_results
+from tolerance import assert_rms_close
 
 import patterncc
 

@@ -1,7 +1,7 @@
 """Dense reference for Reformer LSH attention (hashed heads), to test the generated kernels against.
 
-Shares no code with templates/lsh_*.py.jinja: it builds every round's n x n window mask and the n x n
-duplicate count explicitly, so use it on small n only. Semantics: docs/hashed-heads.md.
+Shares no code with the kernels and the CPU path beside it (ops.py, cpu.py): it builds every round's n x n
+window mask and the n x n duplicate count explicitly, so use it on small n only. Semantics: docs/hashed-heads.md.
 """
 
 from __future__ import annotations

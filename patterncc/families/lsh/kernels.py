@@ -1,16 +1,22 @@
-# Triton kernels: Reformer LSH attention (hashed heads), FlashAttention-2 style over sorted buckets.
-#
-# Notation. Program axis `bhr` runs over (batch, head, round). In each round queries and keys are sorted by
-# (bucket, position); slots are indices into that order and `o_i` / `o_j` the ORIGINAL positions held by query /
-# key slots (PERM_Q / PERM_K, int32 [B*H*R, n]), so rows are loaded and stored through the permutation, with no
-# copy of q, k, v. CODE_Q / CODE_K (int32 [B*H*R, n], indexed by original position) pack a position's bucket and
-# chunk of one round, code = bucket * (num_chunks + 2) + slot // chunk: key j is in query i's window of that
-# round (same bucket, key chunk = query chunk or the one before) iff code_i - code_j is 0 or 1 (different
-# buckets differ by at least 3). count_ij = the number of rounds with that property. Round r scores allowed pairs
-# s2 = q.k * scale * log2(e) - log2(count_ij) (the duplicate correction), in the log2 domain; its LSE stores
-# m + log2(l) per row, -inf for a row with no key in that round. The backward kernels take the FINAL LSE over
-# all rounds, +inf for rows without any key, so every exp2(s2 - LSE) of such a row is 0.
-# Prefixes: b_ block values, p_ pointers, o_ offsets, m_ masks.
+"""Triton kernels: Reformer LSH attention (hashed heads), FlashAttention-2 style over sorted buckets.
+
+Notation. Program axis `bhr` runs over (batch, head, round). In each round queries and keys are sorted by
+(bucket, position); slots are indices into that order and `o_i` / `o_j` the ORIGINAL positions held by query /
+key slots (PERM_Q / PERM_K, int32 [B*H*R, n]), so rows are loaded and stored through the permutation, with no
+copy of q, k, v. CODE_Q / CODE_K (int32 [B*H*R, n], indexed by original position) pack a position's bucket and
+chunk of one round, code = bucket * (num_chunks + 2) + slot // chunk: key j is in query i's window of that
+round (same bucket, key chunk = query chunk or the one before) iff code_i - code_j is 0 or 1 (different
+buckets differ by at least 3). count_ij = the number of rounds with that property. Round r scores allowed pairs
+s2 = q.k * scale * log2(e) - log2(count_ij) (the duplicate correction), in the log2 domain; its LSE stores
+m + log2(l) per row, -inf for a row with no key in that round. The backward kernels take the FINAL LSE over
+all rounds, +inf for rows without any key, so every exp2(s2 - LSE) of such a row is 0.
+Prefixes: b_ block values, p_ pointers, o_ offsets, m_ masks.
+"""
+
+import triton
+import triton.language as tl
+
+from ..shared.kernels import online_softmax_finish, online_softmax_update
 
 
 @triton.jit
@@ -98,19 +104,9 @@ def lsh_fwd_kernel(
                                    m_n[None, :], ROUNDS)
             b_s = b_s - tl.math.log2(tl.maximum(count, 1).to(tl.float32))
         b_s = tl.where(m_allowed, b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        # A row with nothing allowed yet keeps m = -inf; subtracting 0 instead keeps exp2 free of NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_p = tl.math.exp2(b_s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(b_p, 1)
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, b_s, b_v, DOT_PRECISION)
 
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    acc = acc / l_safe[:, None]
-    b_lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("-inf"))
+    acc, b_lse = online_softmax_finish(acc, l_i, m_i, float("-inf"))
     p_o = O + (round_base + o_i.to(tl.int64))[:, None] * HEAD_DIM + o_d[None, :]
     tl.store(p_o, acc, mask=m_m[:, None])
     tl.store(LSE + round_base + o_i, b_lse, mask=m_m)
@@ -144,10 +140,11 @@ def lsh_bwd_dkdv_kernel(
     o_j = tl.load(PERM_K + round_base + o_slot_n, mask=m_n, other=0)
     b_code_j = tl.load(CODE_K + round_base + o_j, mask=m_n, other=0)
     o_d = tl.arange(0, HEAD_DIM)
-    b_k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + o_j.to(tl.int64)[:, None] * stride_kn
-                  + o_d[None, :], mask=m_n[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-    b_v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + o_j.to(tl.int64)[:, None] * stride_vn
-                  + o_d[None, :], mask=m_n[:, None], other=0.0)
+    b_k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+                  + o_j.to(tl.int64)[:, None] * stride_kn + o_d[None, :],
+                  mask=m_n[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+    b_v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+                  + o_j.to(tl.int64)[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None], other=0.0)
     p_q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     p_do_head = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
 
@@ -195,7 +192,8 @@ def lsh_bwd_dq_kernel(
         n_ctx, num_heads, chunk, sm_scale, sm_scale_log2,
         HEAD_DIM: tl.constexpr, ROUNDS: tl.constexpr, CAUSAL: tl.constexpr, SHARED_QK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # As the forward kernel, for this round's share of dQ (DQ [B*H*R, n, HEAD_DIM], float32, summed by the launcher).
+    # As the forward kernel, for this round's share of dQ (DQ [B*H*R, n, HEAD_DIM], float32, summed by the
+    # launcher).
     pid = tl.program_id(0)
     num_tiles = tl.cdiv(n_ctx, BLOCK_M)
     pid_m = pid % num_tiles
@@ -213,8 +211,9 @@ def lsh_bwd_dq_kernel(
     o_i = tl.load(PERM_Q + round_base + o_slot_m, mask=m_m, other=0)
     b_code_i = tl.load(CODE_Q + round_base + o_i, mask=m_m, other=0)
     o_d = tl.arange(0, HEAD_DIM)
-    b_q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + o_i.to(tl.int64)[:, None] * stride_qn
-                  + o_d[None, :], mask=m_m[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
+    b_q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                  + o_i.to(tl.int64)[:, None] * stride_qn + o_d[None, :],
+                  mask=m_m[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
     b_do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
                    + o_i.to(tl.int64)[:, None] * stride_don + o_d[None, :], mask=m_m[:, None], other=0.0)
     b_lse = tl.load(LSE + row_base + o_i, mask=m_m, other=float("inf"))

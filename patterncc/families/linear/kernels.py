@@ -1,31 +1,35 @@
-# Triton kernels: linear attention (kernel heads), out_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps).
-#
-# Chunk-parallel, as flash-linear-attention's chunked kernels. Rows are cut into chunks of BLOCK_M rows (one chunk
-# size for every kernel of a call, except the scan, whose BLOCK_M is a block of features), and each pass is three
-# steps:
-#   1. state:  per chunk, its own contribution to a state [F, d] and its normalizer [F]: the keys' sum of
-#              phi(k_j) v_j^T and phi(k_j) in the forward pass (linear_state_kernel), the queries' sum of
-#              phi(q_i) G_i^T and phi(q_i) dl_i in the backward pass (BACKWARD), G and dl the gradients of row
-#              i's numerator and denominator;
-#   2. scan:   over chunks, in place: each chunk's slot becomes the state its rows see, the sum over earlier
-#              chunks (forward) or later chunks (backward, REVERSE) when causal, the sum over all chunks, in
-#              slot 0, otherwise (TOTAL);
-#   3. apply:  per chunk, the outputs (linear_fwd_kernel) or gradients (linear_bwd_dq_kernel,
-#              linear_bwd_dkdv_kernel): the state of step 2, plus the masked products within the chunk when causal.
-# Only the scan is sequential, over n / BLOCK_M chunks of [BLOCK_M, BLOCK_N] state tiles; no kernel carries a
-# state through a loop, which keeps every kernel's tiles in registers. Work O(n d F), memory n / BLOCK_M states.
-#
-# FEATURE is "elu1", "relu" or "favor". favor's features are held as phi~_j = exp(a_j - r_j) / sqrt(F) with
-# r_j = max_f a_jf (so phi~ <= 1/sqrt(F)); key j enters query i's sums scaled by exp(r_j - M_i), M_i the largest
-# r_j query i sees (a prefix maximum when CAUSAL). A state is sum_i exp(e_i - e) x_i with a reference e >= every
-# e_i it sums: e_j = r_j for the keys' states, e_i = -M_i for the queries' (weights exp(X - M_i) = exp(-M_i - (-X))),
-# so every exponential here has an argument <= 0, and the scan rescales to the larger reference, like online
-# softmax. For elu1 and relu every weight is 1.
-# Products take their operands in the input dtype (16-bit inputs: features and states are rounded to it for the
-# tensor cores, as flash-linear-attention does) and accumulate in float32; fp32 inputs use exact IEEE products
-# (DOT_PRECISION "ieee"), or 3xTF32 ("tf32x3": fp32-level error on tensor cores) for favor at head_dim 128, where
-# IEEE tiles spill. favor's projection and its gradient take float32 operands (TF32 for 16-bit inputs).
-# Prefixes: b_ block values, p_ pointers, o_ offsets, m_ masks.
+"""Triton kernels: linear attention (kernel heads), out_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps).
+
+Chunk-parallel, as flash-linear-attention's chunked kernels. Rows are cut into chunks of BLOCK_M rows (one chunk
+size for every kernel of a call, except the scan, whose BLOCK_M is a block of features), and each pass is three
+steps:
+  1. state:  per chunk, its own contribution to a state [F, d] and its normalizer [F]: the keys' sum of
+             phi(k_j) v_j^T and phi(k_j) in the forward pass (linear_state_kernel), the queries' sum of
+             phi(q_i) G_i^T and phi(q_i) dl_i in the backward pass (BACKWARD), G and dl the gradients of row
+             i's numerator and denominator;
+  2. scan:   over chunks, in place: each chunk's slot becomes the state its rows see, the sum over earlier
+             chunks (forward) or later chunks (backward, REVERSE) when causal, the sum over all chunks, in
+             slot 0, otherwise (TOTAL);
+  3. apply:  per chunk, the outputs (linear_fwd_kernel) or gradients (linear_bwd_dq_kernel,
+             linear_bwd_dkdv_kernel): the state of step 2, plus the masked products within the chunk when causal.
+Only the scan is sequential, over n / BLOCK_M chunks of [BLOCK_M, BLOCK_N] state tiles; no kernel carries a
+state through a loop, which keeps every kernel's tiles in registers. Work O(n d F), memory n / BLOCK_M states.
+
+FEATURE is "elu1", "relu" or "favor". favor's features are held as phi~_j = exp(a_j - r_j) / sqrt(F) with
+r_j = max_f a_jf (so phi~ <= 1/sqrt(F)); key j enters query i's sums scaled by exp(r_j - M_i), M_i the largest
+r_j query i sees (a prefix maximum when CAUSAL). A state is sum_i exp(e_i - e) x_i with a reference e >= every
+e_i it sums: e_j = r_j for the keys' states, e_i = -M_i for the queries' (weights exp(X - M_i) = exp(-M_i - (-X))),
+so every exponential here has an argument <= 0, and the scan rescales to the larger reference, like online
+softmax. For elu1 and relu every weight is 1.
+Products take their operands in the input dtype (16-bit inputs: features and states are rounded to it for the
+tensor cores, as flash-linear-attention does) and accumulate in float32; fp32 inputs use exact IEEE products
+(DOT_PRECISION "ieee"), or 3xTF32 ("tf32x3": fp32-level error on tensor cores) for favor at head_dim 128, where
+IEEE tiles spill. favor's projection and its gradient take float32 operands (TF32 for 16-bit inputs).
+Prefixes: b_ block values, p_ pointers, o_ offsets, m_ masks.
+"""
+
+import triton
+import triton.language as tl
 
 
 @triton.jit
@@ -138,8 +142,8 @@ def linear_state_kernel(
         X, Y, W, DEN, DELTA, MX, STATE_S, STATE_Z, STATE_E, n_ctx, num_heads, eps, data_scale, feature_scale,
         HEAD_DIM: tl.constexpr, FEATURE_DIM: tl.constexpr, FEATURE: tl.constexpr, BACKWARD: tl.constexpr,
         DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Step 1, one chunk's own state: S_c = sum_i w_i phi(x_i) y_i^T [F, BLOCK_N columns], z_c = sum_i w_i phi(x_i) u_i
-    # and (favor) its reference e_c = max_i e_i, with w_i = exp(e_i - e_c).
+    # Step 1, one chunk's own state: S_c = sum_i w_i phi(x_i) y_i^T [F, BLOCK_N columns],
+    # z_c = sum_i w_i phi(x_i) u_i and (favor) its reference e_c = max_i e_i, with w_i = exp(e_i - e_c).
     #   forward (keys):     x = k, y = v, u = 1,  e = r (the key's log-scale);
     #   BACKWARD (queries): x = q, y = G = dO / (den + eps) (Y is dO), u = dl, e = -M_i (MX).
     # Grid: (batch x heads, chunks, HEAD_DIM / BLOCK_N); the column-0 program writes z and e.
@@ -182,9 +186,10 @@ def linear_scan_kernel(
         STATE_S, STATE_Z, STATE_E, SEEN_Z, SEEN_E, num_chunks,
         HEAD_DIM: tl.constexpr, FEATURE_DIM: tl.constexpr, FAVOR: tl.constexpr, REVERSE: tl.constexpr,
         TOTAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Step 2: walks the chunks (last to first when REVERSE) and replaces each chunk's own state S_c by the sum of the
-    # states walked before it (exclusive scan); TOTAL: by nothing, and slot 0 gets the sum of all. The normalizers
-    # and references go to SEEN_Z and SEEN_E, not in place: every program of a (batch x head) reads them.
+    # Step 2: walks the chunks (last to first when REVERSE) and replaces each chunk's own state S_c by the sum of
+    # the states walked before it (exclusive scan); TOTAL: by nothing, and slot 0 gets the sum of all. The
+    # normalizers and references go to SEEN_Z and SEEN_E, not in place: every program of a (batch x head) reads
+    # them.
     # Grid: (batch x heads, FEATURE_DIM / BLOCK_M, HEAD_DIM / BLOCK_N); each program owns its S tiles, so S is
     # updated in place.
     pid_bh = tl.program_id(0)

@@ -1,27 +1,55 @@
-# Reformer LSH attention (hashed heads): hashing, sorting, launchers, autograd, CPU path --------------------------
-#
-# Semantics (docs/hashed-heads.md says the same for users). Inputs q, k, v: (B, H, n, D); rotations:
-# (H, R, D, buckets // 2) float32, one per head and round; chunk c; causal; shared_qk; scale (default 1/sqrt(D)).
-# - Hash, per round r, in float32 whatever the input dtype: bucket(x) = argmax([x R_r ; -x R_r]). shared_qk:
-#   the keys are the unit-normalized queries (k = F.normalize(q); the k argument is ignored) and both sides get
-#   bucket(q); otherwise queries are hashed from q and keys from k with the same rotation.
-# - Sort, per round: queries by (bucket, position) and keys by (bucket, position), i.e. torch.argsort of
-#   bucket * n + position. Each sorted order is split into chunks of c slots (the last may be shorter). A query
-#   in chunk t attends the keys in chunks t and t - 1 (chunk 0 has no previous chunk: no wrap-around) that have
-#   its bucket, and with causal only keys j <= i (original positions).
-# - Self rule (shared_qk only): j == i is excluded from every round's window, unless i has no other allowed key
-#   in any round: then its output is v_i (weight 1 on itself; gradient to v_i only). shared_qk = false has no
-#   self rule: a row with no allowed key outputs 0 (gradient 0).
-# - Duplicates: count_ij = the number of rounds whose window holds j for i (same bucket and chunk rule in that
-#   round). Round r scores s_ij - log(count_ij) and gives out_r, lse_r; the result is sum_r exp(lse_r - LSE) out_r
-#   with LSE = logsumexp_r lse_r: exactly softmax attention over the union of all rounds' windows.
-# - Scores and softmax in float32 (float64 inputs: float64 on the CPU path). Buckets are not differentiable;
-#   gradients flow through the attention to q, k, v (with shared_qk, through F.normalize into q).
-# Memory beyond q, k, v: O(n * R) int32 (permutations, their inverses, buckets, window codes) and O(n * R * D)
-# float32 per-round outputs; never an n x n tensor (the CPU path holds O(n * c * R) scores).
+"""Reformer LSH attention (hashed heads): hashing, sorting, launchers, autograd, CPU path --------------------------
+
+Semantics (docs/hashed-heads.md says the same for users). Inputs q, k, v: (B, H, n, D); rotations:
+(H, R, D, buckets // 2) float32, one per head and round; chunk c; causal; shared_qk; scale (default 1/sqrt(D)).
+- Hash, per round r, in float32 whatever the input dtype: bucket(x) = argmax([x R_r ; -x R_r]). shared_qk:
+  the keys are the unit-normalized queries (k = F.normalize(q); the k argument is ignored) and both sides get
+  bucket(q); otherwise queries are hashed from q and keys from k with the same rotation.
+- Sort, per round: queries by (bucket, position) and keys by (bucket, position), i.e. torch.argsort of
+  bucket * n + position. Each sorted order is split into chunks of c slots (the last may be shorter). A query
+  in chunk t attends the keys in chunks t and t - 1 (chunk 0 has no previous chunk: no wrap-around) that have
+  its bucket, and with causal only keys j <= i (original positions).
+- Self rule (shared_qk only): j == i is excluded from every round's window, unless i has no other allowed key
+  in any round: then its output is v_i (weight 1 on itself; gradient to v_i only). shared_qk = false has no
+  self rule: a row with no allowed key outputs 0 (gradient 0).
+- Duplicates: count_ij = the number of rounds whose window holds j for i (same bucket and chunk rule in that
+  round). Round r scores s_ij - log(count_ij) and gives out_r, lse_r; the result is sum_r exp(lse_r - LSE) out_r
+  with LSE = logsumexp_r lse_r: exactly softmax attention over the union of all rounds' windows.
+- Scores and softmax in float32 (float64 inputs: float64 on the CPU path). Buckets are not differentiable;
+  gradients flow through the attention to q, k, v (with shared_qk, through F.normalize into q).
+Memory beyond q, k, v: O(n * R) int32 (permutations, their inverses, buckets, window codes) and O(n * R * D)
+float32 per-round outputs; never an n x n tensor (the CPU path holds O(n * c * R) scores).
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..shared.heads import heads_of, per_q_head
+from ..shared.launch import (
+    AOT_DTYPES,
+    TRITON_HEAD_DIMS,
+    aot_configs,
+    aot_signature,
+    check_4d,
+    check_backend,
+    check_triton_inputs,
+    config_chain,
+    dot_precision,
+    launch_kernel,
+    uses_triton,
+)
+from .cpu import lsh_attention_torch
+
+try:
+    import triton
+
+    from .kernels import lsh_bwd_dkdv_kernel, lsh_bwd_dq_kernel, lsh_fwd_kernel
+except ImportError:  # the CPU path needs only torch
+    triton = None
 
 _LSH_LOG2E = 1.4426950408889634
-_LSH_HEAD_DIMS = (16, 32, 64, 128)
 
 # Default tile sizes and warps per (kernel, 16-bit?, head_dim): (BLOCK_M, BLOCK_N, num_warps, num_stages), each
 # spill-free on both sm_80 and sm_90 (tests/test_lsh.py compiles them ahead of time and reads ptxas's report;
@@ -41,25 +69,15 @@ _LSH_DEFAULTS = {
     ("lsh_dq", False, 16): (16, 32, 4, 2), ("lsh_dq", False, 32): (16, 32, 4, 2),
     ("lsh_dq", False, 64): (16, 32, 8, 2), ("lsh_dq", False, 128): (16, 16, 4, 2),
 }
-# When the default spills, the next of these that is no larger is tried (never num_stages=1, which Triton 3.9's
-# pipeliner cannot build for these loops).
-_LSH_FALLBACKS = [(32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 8, 2), (16, 32, 4, 2), (16, 16, 8, 2), (16, 16, 4, 2)]
-# Tried on CUDA besides the spill-free default, once per shape (bounded autotuning in `_launch`).
+# Tried on CUDA besides the spill-free default, once per shape (bounded autotuning in `launch_kernel`).
 _LSH_CANDIDATES = [(64, 64, 4, 3), (64, 32, 4, 2), (32, 64, 4, 2), (32, 32, 4, 2)]
 
 
 def lsh_config_chain(kernel, dtype, head_dim):
     """The configs of kernel "lsh_fwd", "lsh_dkdv" or "lsh_dq" to try in order: the first that compiles without
-    register spills is used (on CUDA by `_launch`, ahead of time by `patterncc compile --target`)."""
-    if kernel in CONFIG_OVERRIDE:
-        return [CONFIG_OVERRIDE[kernel]]
-    tabled = next((d for d in _LSH_HEAD_DIMS if d >= head_dim), _LSH_HEAD_DIMS[-1])
-    first = _LSH_DEFAULTS[(kernel, dtype != torch.float32, tabled)]
-    chain = [first]
-    for config in _LSH_FALLBACKS:
-        if config[0] * config[1] <= first[0] * first[1] and config not in chain:
-            chain.append(config)
-    return chain
+    register spills is used (on CUDA by `launch_kernel`, ahead of time by `patterncc compile --target`)."""
+    tabled = next((d for d in TRITON_HEAD_DIMS if d >= head_dim), TRITON_HEAD_DIMS[-1])
+    return config_chain(kernel, _LSH_DEFAULTS[(kernel, dtype != torch.float32, tabled)])
 
 
 def lsh_rotations(num_heads, rounds, head_dim, buckets, seed):
@@ -130,7 +148,7 @@ def _lsh_combine_log2(out_r, lse_r):
 
 def _lsh_constexprs(q, rounds, causal, shared_qk):
     return {"HEAD_DIM": q.shape[-1], "ROUNDS": rounds, "CAUSAL": bool(causal), "SHARED_QK": bool(shared_qk),
-                "DOT_PRECISION": _dot_precision(q.dtype)}
+                "DOT_PRECISION": dot_precision(q.dtype)}
 
 
 def _lsh_fwd(q, k, v, plan, chunk, causal, shared_qk, scale):
@@ -140,7 +158,7 @@ def _lsh_fwd(q, k, v, plan, chunk, causal, shared_qk, scale):
     lse_r = torch.empty(batch, heads, rounds, n, device=q.device, dtype=torch.float32)
     args = (q, k, v, out_r, lse_r, plan["perm_q"], plan["perm_k"], plan["code_q"], plan["code_k"],
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], n, heads, chunk, scale * _LSH_LOG2E)
-    _launch("lsh_fwd", lsh_fwd_kernel, lambda bm, bn: (triton.cdiv(n, bm) * batch * heads * rounds,), args,
+    launch_kernel("lsh_fwd", lsh_fwd_kernel, lambda bm, bn: (triton.cdiv(n, bm) * batch * heads * rounds,), args,
             _lsh_constexprs(q, rounds, causal, shared_qk), q, lsh_config_chain("lsh_fwd", q.dtype, dim),
             _LSH_CANDIDATES)
     return _lsh_combine_log2(out_r, lse_r)
@@ -156,10 +174,10 @@ def _lsh_bwd(q, k, v, out, lse, do, plan, chunk, causal, shared_qk, scale):
               *v.stride()[:3], *do.stride()[:3], n, heads, chunk, scale, scale * _LSH_LOG2E)
     constexprs = _lsh_constexprs(q, rounds, causal, shared_qk)
     tiles = batch * heads * rounds
-    _launch("lsh_dkdv", lsh_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(n, bn) * tiles,),
+    launch_kernel("lsh_dkdv", lsh_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(n, bn) * tiles,),
             (q, k, v, do, dk_r, dv_r, lse, delta, *common), constexprs, q,
             lsh_config_chain("lsh_dkdv", q.dtype, dim), _LSH_CANDIDATES)
-    _launch("lsh_dq", lsh_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(n, bm) * tiles,),
+    launch_kernel("lsh_dq", lsh_bwd_dq_kernel, lambda bm, bn: (triton.cdiv(n, bm) * tiles,),
             (q, k, v, do, dq_r, lse, delta, *common), constexprs, q, lsh_config_chain("lsh_dq", q.dtype, dim),
             _LSH_CANDIDATES)
     return dq_r.sum(2), dk_r.sum(2), dv_r.sum(2)
@@ -195,103 +213,14 @@ class _LshTritonAttention(torch.autograd.Function):
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
 
 
-# CPU path: the same chunks in plain torch, differentiable by autograd -------------------------------------------
-
-
-def _lsh_round_torch(q, k, v, plan, r, chunk, causal, shared_qk, scale):
-    """Round r on sorted chunks: (out_r (B, H, n, D), lse_r (B, H, n), natural log, -inf: no key) at original
-    positions. Query chunk t against the keys of chunks t - 1 and t: O(n * 2c) scores, never n x n."""
-    batch, heads, n, dim = q.shape
-    rounds = plan["perm_q"].shape[2]
-    num_chunks = -(-n // chunk)
-    pad = num_chunks * chunk - n
-    perm_q, perm_k = plan["perm_q"][:, :, r].long(), plan["perm_k"][:, :, r].long()
-
-    def chunks(x, fill):  # [B, H, ..., n] sorted -> [B, H, ..., num_chunks, chunk], padded with `fill`
-        return torch.nn.functional.pad(x, (0, pad), value=fill).unflatten(-1, (num_chunks, chunk))
-
-    def windows(x, fill):  # chunk t's keys are chunks t - 1 and t (chunk 0: none before): [..., num_chunks, 2c]
-        before = torch.nn.functional.pad(x[..., :-1, :], (0, 0, 1, 0), value=fill)
-        return torch.cat([before, x], dim=-1)
-
-    def rows(x, perm):  # [B, H, num_chunks, chunk, D], sorted, zero-padded
-        x = torch.gather(x, 2, perm[..., None].expand(-1, -1, -1, dim))
-        return torch.nn.functional.pad(x, (0, 0, 0, pad)).view(batch, heads, num_chunks, chunk, dim)
-
-    # Window codes of every round, in this round's sorted order. Padding codes are negative (real ones are not)
-    # and differ by more than 1, so padded pairs are never in a window and need no mask of their own.
-    code_q = chunks(torch.gather(plan["code_q"], 3, perm_q[:, :, None].expand(-1, -1, rounds, -1)), -100)
-    code_k = windows(chunks(torch.gather(plan["code_k"], 3, perm_k[:, :, None].expand(-1, -1, rounds, -1)), -10),
-                     -10)
-
-    def in_window(r2):  # code_i - code_j in {0, 1}: [B, H, num_chunks, chunk, 2c]
-        cq, ck = code_q[:, :, r2, :, :, None], code_k[:, :, r2, :, None, :]
-        return (cq == ck) | (cq == ck + 1)
-
-    allowed = in_window(r)
-    pos_q = chunks(perm_q, -1)[..., :, None]
-    pos_k = windows(chunks(perm_k, -1), -1)[..., None, :]
-    if causal:
-        allowed &= pos_k <= pos_q
-    if shared_qk:
-        allowed &= pos_k != pos_q
-    def row_windows(x):  # [B, H, num_chunks, 2c, D]
-        x = rows(x, perm_k)
-        return torch.cat([torch.nn.functional.pad(x[:, :, :-1], (0, 0, 0, 0, 1, 0)), x], dim=3)
-
-    keys, values = row_windows(k), row_windows(v)
-    scores = torch.matmul(rows(q, perm_q), keys.transpose(-1, -2)) * scale
-    if rounds > 1:
-        count = allowed.to(scores.dtype)  # where allowed, round r itself holds the pair
-        for r2 in range(rounds):
-            if r2 != r:
-                count.add_(in_window(r2))
-        scores = scores - torch.log(count.clamp_(min=1.0))
-    has_keys = allowed.any(dim=-1)
-    # A row without a key softmaxes over one dummy key instead of none (which would give NaN); its output is
-    # dropped below, so output and gradients are exactly 0.
-    allowed[..., 0] |= ~has_keys
-    scores = torch.where(allowed, scores, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.softmax(scores, dim=-1), values)
-    out = torch.where(has_keys[..., None], out, 0.0)
-    lse = torch.where(has_keys, lse, float("-inf"))
-    # Back to original positions: position p sits at slot inverse[p].
-    inverse = plan["inverse_q"][:, :, r].long()
-    out = torch.gather(out.reshape(batch, heads, num_chunks * chunk, dim), 2,
-                       inverse[..., None].expand(-1, -1, -1, dim))
-    lse = torch.gather(lse.reshape(batch, heads, num_chunks * chunk), 2, inverse)
-    return out, lse
-
-
-def _lsh_attention_torch(q, k, v, plan, chunk, causal, shared_qk, scale):
-    rounds = plan["perm_q"].shape[2]
-    per_round = [_lsh_round_torch(q, k, v, plan, r, chunk, causal, shared_qk, scale) for r in range(rounds)]
-    out_r = torch.stack([out for out, _ in per_round], dim=2)  # [B, H, R, n, D]
-    lse_r = torch.stack([lse for _, lse in per_round], dim=2)  # [B, H, R, n]
-    top = lse_r.amax(dim=2).detach()
-    has_keys = top > float("-inf")
-    top = torch.where(has_keys, top, torch.zeros_like(top))
-    weights = torch.exp(lse_r - top[:, :, None])
-    total = weights.sum(dim=2)
-    total = torch.where(has_keys, total, torch.ones_like(total))
-    out = torch.einsum("bhrn,bhrnd->bhnd", weights, out_r) / total[..., None]
-    if shared_qk:
-        out = torch.where(has_keys[..., None], out, v)  # the self rule's fallback: v_i
-    return out
-
-
 # Public entry points ---------------------------------------------------------------------------------------------
 
 
 def _lsh_check(q, k, v, rotations, chunk, shared_qk, backend):
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    tensors = (("q", q), ("v", v)) if shared_qk else (("q", q), ("k", k), ("v", v))
-    for name, x in tensors:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, n, head_dim), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    check_backend(backend)
+    tensors = dict(q=q, v=v) if shared_qk else dict(q=q, k=k, v=v)
+    check_4d(**tensors)
+    for name, x in tensors.items():
         if x.shape != q.shape:
             raise ValueError(f"q, k and v must have one shape (expand grouped-query heads first), got q "
                              f"{tuple(q.shape)} and {name} {tuple(x.shape)}")
@@ -312,16 +241,8 @@ def _lsh_check(q, k, v, rotations, chunk, shared_qk, backend):
     buckets = 2 * rotations.shape[3]
     if buckets * (-(-n // chunk) + 3) >= 2 ** 31:
         raise ValueError(f"buckets x (n / chunk) must stay below 2**31, got buckets={buckets}, n={n}, chunk={chunk}")
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
-        if triton is None:
-            raise RuntimeError("backend 'triton' needs the triton package")
-        if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("backend 'triton' runs CPU tensors only under TRITON_INTERPRET=1 (set before importing "
-                             "triton); use backend 'torch' on the CPU")
-        if dim not in _LSH_HEAD_DIMS:
-            raise ValueError(f"the Triton kernels take head_dim in {_LSH_HEAD_DIMS}, got {dim}")
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"the Triton kernels take float16, bfloat16 or float32, got {q.dtype}")
+    if uses_triton(q, backend):
+        check_triton_inputs(q, TRITON_HEAD_DIMS)
 
 
 def lsh_attention(q, k, v, rotations, chunk, causal, shared_qk, scale=None, backend="auto"):
@@ -338,10 +259,9 @@ def lsh_attention(q, k, v, rotations, chunk, causal, shared_qk, scale=None, back
     _lsh_check(q, k, v, rotations, chunk, shared_qk, backend)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
     with torch.no_grad():
         plan = _lsh_plan(q, k, rotations, chunk, shared_qk)
-    if use_triton:
+    if uses_triton(q, backend):
         q, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, v))
         # Normalised in float32: F.normalize's eps underflows in float16.
         k = torch.nn.functional.normalize(q.float(), dim=-1).to(q.dtype) if shared_qk else k
@@ -351,35 +271,51 @@ def lsh_attention(q, k, v, rotations, chunk, causal, shared_qk, scale=None, back
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, vc = q.to(compute), v.to(compute)
     kc = torch.nn.functional.normalize(qc, dim=-1) if shared_qk else k.to(compute)
-    out = _lsh_attention_torch(qc, kc, vc, plan, chunk, bool(causal), bool(shared_qk), float(scale))
+    out = lsh_attention_torch(qc, kc, vc, plan, chunk, bool(causal), bool(shared_qk), float(scale))
     return out.to(q.dtype)
 
 
-def lsh_aot_specs(dtype="fp16", head_dim=64, rounds=4, causal=True, shared_qk=True):
+def lsh_aot_specs(dtype="fp16", head_dim=64, rounds=4, causal=True, shared_qk=True, kernels=None):
     """For every LSH kernel: (name, kernel, signature, [(constexprs, options) per config of its chain]), as
-    `aot_specs`. rounds, causal and shared_qk are constexprs of the kernels: pass the pattern's values."""
-    ptr = "*" + dtype
-    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    `patterncc.aot`. rounds, causal and shared_qk are constexprs of the kernels: pass the pattern's values.
+    `kernels` maps names to the kernels to compile (default: this module's)."""
+    kernels = kernels or {"lsh_fwd": lsh_fwd_kernel, "lsh_dkdv": lsh_bwd_dkdv_kernel, "lsh_dq": lsh_bwd_dq_kernel}
+    torch_dtype = AOT_DTYPES[dtype]
+    pointers = dict(O="*fp32", LSE="*fp32", DK="*fp32", DV="*fp32", DQ="*fp32", DELTA="*fp32", PERM_Q="*i32",
+                    PERM_K="*i32", CODE_Q="*i32", CODE_K="*i32")
+    constexprs = dict(HEAD_DIM=head_dim, ROUNDS=rounds, CAUSAL=bool(causal), SHARED_QK=bool(shared_qk),
+                      DOT_PRECISION=dot_precision(torch_dtype))
+    return [(name, kernel, aot_signature(kernel, dtype, pointers, floats=("sm_scale", "sm_scale_log2")),
+             aot_configs(lsh_config_chain(name, torch_dtype, head_dim), constexprs))
+            for name, kernel in kernels.items()]
 
-    def strides(*names):
-        return {f"stride_{x}{axis}": "i32" for x in names for axis in "bhn"}
 
-    plan = {"PERM_Q": "*i32", "PERM_K": "*i32", "CODE_Q": "*i32", "CODE_K": "*i32"}
-    shape = {"n_ctx": "i32", "num_heads": "i32", "chunk": "i32"}
-    fwd = dict(Q=ptr, K=ptr, V=ptr, O="*fp32", LSE="*fp32", **plan, **strides("q", "k", "v"), **shape,
-               sm_scale_log2="fp32")
-    dkdv = dict(Q=ptr, K=ptr, V=ptr, DO=ptr, DK="*fp32", DV="*fp32", LSE="*fp32", DELTA="*fp32", **plan,
-                **strides("q", "k", "v", "do"), **shape, sm_scale="fp32", sm_scale_log2="fp32")
-    dq = dict(Q=ptr, K=ptr, V=ptr, DO=ptr, DQ="*fp32", LSE="*fp32", DELTA="*fp32", **plan,
-              **strides("q", "k", "v", "do"), **shape, sm_scale="fp32", sm_scale_log2="fp32")
-    out = []
-    for name, kernel, signature in (("lsh_fwd", lsh_fwd_kernel, fwd), ("lsh_dkdv", lsh_bwd_dkdv_kernel, dkdv),
-                                    ("lsh_dq", lsh_bwd_dq_kernel, dq)):
-        configs = []
-        for block_m, block_n, warps, stages in lsh_config_chain(name, torch_dtype, head_dim):
-            constexprs = {"HEAD_DIM": head_dim, "ROUNDS": rounds, "CAUSAL": bool(causal), "SHARED_QK": bool(shared_qk),
-                              "BLOCK_M": block_m, "BLOCK_N": block_n, "DOT_PRECISION": _dot_precision(torch_dtype)}
-            configs.append((constexprs, {"num_warps": warps, "num_stages": stages}))
-        signature = {**signature, **{key: "constexpr" for key in configs[0][0]}}
-        out.append((name, kernel, signature, configs))
-    return out
+class LshCall(NamedTuple):
+    """Pattern heads of one hashed group with equal parameters: one `lsh_attention` call."""
+
+    buffer: str  # the module attribute holding its rotations
+    heads: tuple  # pattern heads
+    draws: tuple  # per head (seed, h): its rotation is row h of lsh_rotations(count, ..., seed)
+    count: int  # heads in the declared group
+    buckets: int
+    rounds: int
+    chunk: int
+    shared_qk: bool
+
+
+def lsh_call_buffer(call, head_dim):
+    """The rotations of a call's heads (heads, rounds, head_dim, buckets // 2), from their seeds."""
+    seeds = {seed for seed, _ in call.draws}
+    drawn = {seed: lsh_rotations(call.count, call.rounds, head_dim, call.buckets, seed) for seed in seeds}
+    return torch.stack([drawn[seed][h] for seed, h in call.draws])
+
+
+def lsh_heads_attention(q, k, v, calls, buffers, num_heads, causal, scale, backend):
+    """[(pattern heads, output)] for each hashed call of a module with `num_heads` pattern heads."""
+    pieces = []
+    for call in calls:
+        q_part, k_part, v_part = heads_of(q, k, v, call.heads, num_heads, expand_kv=True)
+        rotations = per_q_head(buffers[call.buffer], q, num_heads)
+        pieces.append((call.heads, lsh_attention(q_part, k_part, v_part, rotations, call.chunk, causal,
+                                                 call.shared_qk, scale, backend)))
+    return pieces

@@ -1,33 +1,66 @@
-# Kernel heads: linear attention (Katharopoulos et al. 2020, "Transformers are RNNs"). ---------------------------
-#
-# For head h, query i:  out_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps),
-#                       S_i = sum_j phi(k_j) v_j^T,  z_i = sum_j phi(k_j),
-# over keys j <= i when causal, all j otherwise. No softmax scale: phi replaces the exponential.
-#   elu1:  phi(x) = elu(x) + 1                      (d features)
-#   relu:  phi(x) = max(x, 0)                       (d features; a row of zeros gives 0 / (0 + eps) = 0)
-#   favor: FAVOR+ positive random features (Choromanski et al. 2020), m features: with x' = x * d^-1/4,
-#          phi_f(x) = exp(w_f . x' - |x'|^2 / 2 - c) / sqrt(m), W = (w_f) an (m, d) buffer of orthogonal random
-#          rows with chi-distributed norms, drawn from a seed (linear_favor_projection).
-#          The stabiliser c: queries use their row's largest exponent; keys use M_i, the largest exponent
-#          max_f (w_f . k_j' - |k_j'|^2 / 2) over the keys j query i sees (j <= i when causal). Both cancel in the
-#          ratio except against eps, and no later key can change an earlier output (a sequence-wide maximum would:
-#          performer-pytorch issue 82). Every exponential has an argument <= 0, so nothing overflows, and eps is
-#          relative to a denominator whose largest visible key feature is 1/sqrt(m). Stabilisers are constants
-#          for differentiation (as the Performer's .detach()); no gradient reaches W (a fixed buffer).
-# eps: added to the denominator (1e-6 by default, passed by the caller). fp16/bf16 inputs are computed in float32
-# and the output is returned in the input dtype.
-#
-# Lowering (Triton): chunks of rows; per chunk its own state, an exclusive scan over chunks (the total, when
-# bidirectional), then per chunk the outputs from the scanned state plus, when causal, the masked products within
-# the chunk. O(n d F) work, O(n d F / chunk) memory for the states, never the n x n matrix. The backward pass is
-# the same three steps with a reverse scan for the key gradients. Kernels (CONFIG_OVERRIDE names): linear_state,
-# linear_scan, linear_fwd, linear_bwd_state, linear_bwd_scan, linear_bwd_dq, linear_bwd_dkdv.
-# The CPU path ("torch") runs the same chunked math in plain torch, differentiated by autograd.
-# Decoding: linear_init_state / linear_step update (S, z, M) one token at a time.
+"""Kernel heads: linear attention (Katharopoulos et al. 2020, "Transformers are RNNs"). ---------------------------
+
+For head h, query i:  out_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps),
+                      S_i = sum_j phi(k_j) v_j^T,  z_i = sum_j phi(k_j),
+over keys j <= i when causal, all j otherwise. No softmax scale: phi replaces the exponential.
+  elu1:  phi(x) = elu(x) + 1                      (d features)
+  relu:  phi(x) = max(x, 0)                       (d features; a row of zeros gives 0 / (0 + eps) = 0)
+  favor: FAVOR+ positive random features (Choromanski et al. 2020), m features: with x' = x * d^-1/4,
+         phi_f(x) = exp(w_f . x' - |x'|^2 / 2 - c) / sqrt(m), W = (w_f) an (m, d) buffer of orthogonal random
+         rows with chi-distributed norms, drawn from a seed (linear_favor_projection).
+         The stabiliser c: queries use their row's largest exponent; keys use M_i, the largest exponent
+         max_f (w_f . k_j' - |k_j'|^2 / 2) over the keys j query i sees (j <= i when causal). Both cancel in the
+         ratio except against eps, and no later key can change an earlier output (a sequence-wide maximum would:
+         performer-pytorch issue 82). Every exponential has an argument <= 0, so nothing overflows, and eps is
+         relative to a denominator whose largest visible key feature is 1/sqrt(m). Stabilisers are constants
+         for differentiation (as the Performer's .detach()); no gradient reaches W (a fixed buffer).
+eps: added to the denominator (1e-6 by default, passed by the caller). fp16/bf16 inputs are computed in float32
+and the output is returned in the input dtype.
+
+Lowering (Triton): chunks of rows; per chunk its own state, an exclusive scan over chunks (the total, when
+bidirectional), then per chunk the outputs from the scanned state plus, when causal, the masked products within
+the chunk. O(n d F) work, O(n d F / chunk) memory for the states, never the n x n matrix. The backward pass is
+the same three steps with a reverse scan for the key gradients. Kernels (CONFIG_OVERRIDE names): linear_state,
+linear_scan, linear_fwd, linear_bwd_state, linear_bwd_scan, linear_bwd_dq, linear_bwd_dkdv.
+The CPU path ("torch") runs the same chunked math in plain torch, differentiated by autograd.
+Decoding: linear_init_state / linear_step update (S, z, M) one token at a time.
+"""
+
+import inspect
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..shared.heads import assemble_heads, heads_of, per_q_head
+from ..shared.launch import (
+    AOT_DTYPES,
+    CONFIG_OVERRIDE,
+    TRITON_HEAD_DIMS,
+    aot_configs,
+    aot_signature,
+    check_4d,
+    check_backend,
+    check_triton_inputs,
+    launch_kernel,
+    uses_triton,
+)
+from .cpu import linear_attention_torch, linear_phi
+
+try:
+    import triton
+
+    from .kernels import (
+        linear_bwd_dkdv_kernel,
+        linear_bwd_dq_kernel,
+        linear_fwd_kernel,
+        linear_scan_kernel,
+        linear_state_kernel,
+    )
+except ImportError:  # the CPU path needs only torch
+    triton = None
 
 LINEAR_FEATURE_MAPS = ("elu1", "relu", "favor")
-LINEAR_HEAD_DIMS = (16, 32, 64, 128)  # head dims of the Triton kernels
-_LINEAR_TORCH_CHUNK = 64  # rows per chunk of the CPU path: intra-chunk products cost n * chunk, states n * F * d / chunk
 
 
 def linear_favor_projection(num_heads, features, head_dim, seed):
@@ -60,92 +93,6 @@ def linear_feature_dim(feature_map, head_dim, features=None):
             raise ValueError(f"feature_map 'favor' needs a positive number of features, got {features!r}")
         return int(features)
     return int(head_dim)
-
-
-def _linear_phi(x, feature_map, projection):
-    """(phi, r) of x (batch, heads, n, d): phi (..., F) and, for favor, each row's log-scale r (..., n), a constant
-    for autograd, with the raw FAVOR+ feature = phi * exp(r); r is None for elu1 and relu."""
-    if feature_map == "elu1":
-        return torch.nn.functional.elu(x) + 1, None
-    if feature_map == "relu":
-        return torch.relu(x), None
-    scaled = x * x.shape[-1] ** -0.25
-    proj = torch.matmul(scaled, projection.to(x.dtype).transpose(-1, -2)[None])  # [batch, heads, n, F]
-    top = proj.amax(-1, keepdim=True).detach()
-    half_sq = 0.5 * (scaled * scaled).sum(-1, keepdim=True)
-    # half_sq - half_sq.detach() is 0 in value and carries the gradient -x' of the |x'|^2 / 2 term.
-    phi = torch.exp(proj - top - (half_sq - half_sq.detach())) * projection.shape[1] ** -0.5
-    return phi, (top - half_sq).detach()[..., 0]
-
-
-def _linear_torch(q, k, v, feature_map, eps, causal, projection):
-    """The CPU path: the chunked algorithm in torch ops, O(n d F) work and O(n d) memory, autograd for the
-    backward pass."""
-    batch, heads, n, dim = q.shape
-    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-    phi_q, _ = _linear_phi(qc, feature_map, projection)
-    phi_k, r = _linear_phi(kc, feature_map, projection)
-    favor = r is not None
-    if not causal:
-        if favor:
-            phi_k = phi_k * torch.exp(r - r.amax(-1, keepdim=True))[..., None]
-        state = torch.matmul(phi_k.transpose(-1, -2), vc)  # [batch, heads, F, d]
-        num = torch.matmul(phi_q, state)
-        den = torch.matmul(phi_q, phi_k.sum(-2)[..., None])[..., 0]
-        return (num / (den + eps)[..., None]).to(q.dtype)
-    chunk = _LINEAR_TORCH_CHUNK
-    chunks = -(-n // chunk)
-    pad = chunks * chunk - n
-    if pad:
-        phi_q, phi_k, vc = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (phi_q, phi_k, vc))
-        if favor:
-            r = torch.nn.functional.pad(r, (0, pad), value=float("-inf"))
-    feats = phi_q.shape[-1]
-    phi_q = phi_q.reshape(batch, heads, chunks, chunk, feats)
-    phi_k = phi_k.reshape(batch, heads, chunks, chunk, feats)
-    vc = vc.reshape(batch, heads, chunks, chunk, dim)
-    lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    scores = torch.matmul(phi_q, phi_k.transpose(-1, -2))  # [batch, heads, chunks, chunk, chunk]
-    if favor:
-        r = r.reshape(batch, heads, chunks, chunk)
-        within = torch.cummax(r, dim=-1).values
-        top = within[..., -1]  # [batch, heads, chunks]: each chunk's largest key exponent
-        before = torch.cat([torch.full_like(top[..., :1], float("-inf")), torch.cummax(top, -1).values[..., :-1]], -1)
-        seen = torch.maximum(before[..., None], within)  # M_i: the largest exponent among keys j <= i
-        scores = scores * torch.exp(torch.where(lower, r[..., None, :] - seen[..., :, None], float("-inf")))
-        inter = torch.exp(before[..., None] - seen)[..., None]  # [batch, heads, chunks, chunk, 1]
-        weighted = phi_k * torch.exp(r - top[..., None])[..., None]  # relative to the chunk's own maximum
-        own_s = torch.matmul(weighted.transpose(-1, -2), vc)  # [batch, heads, chunks, F, d]
-        own_z = weighted.sum(-2)
-        # States before each chunk, relative to `before`: a sequential scan, since the reference maximum
-        # changes from chunk to chunk (n / chunk small steps).
-        states, sums = [], []
-        s = own_s.new_zeros(batch, heads, feats, dim)
-        z = own_z.new_zeros(batch, heads, feats)
-        m = torch.full_like(top[..., 0], float("-inf"))
-        for c in range(chunks):
-            states.append(s)
-            sums.append(z)
-            m_new = torch.maximum(m, top[..., c])
-            old, new = torch.exp(m - m_new), torch.exp(top[..., c] - m_new)
-            s = s * old[..., None, None] + own_s[:, :, c] * new[..., None, None]
-            z = z * old[..., None] + own_z[:, :, c] * new[..., None]
-            m = m_new
-        s_prev, z_prev = torch.stack(states, 2), torch.stack(sums, 2)
-    else:
-        scores = scores * lower
-        inter = 1.0
-        own_s = torch.matmul(phi_k.transpose(-1, -2), vc)
-        own_z = phi_k.sum(-2)
-        s_prev = torch.cat([torch.zeros_like(own_s[:, :, :1]), own_s.cumsum(2)[:, :, :-1]], 2)
-        z_prev = torch.cat([torch.zeros_like(own_z[:, :, :1]), own_z.cumsum(2)[:, :, :-1]], 2)
-    num = torch.matmul(scores, vc) + inter * torch.matmul(phi_q, s_prev)
-    den = scores.sum(-1, keepdim=True) + inter * torch.matmul(phi_q, z_prev[..., None])
-    # Padding rows are cut before dividing: their 0 / (0 + eps) would give NaN gradients when eps = 0.
-    num = num.reshape(batch, heads, chunks * chunk, dim)[:, :, :n]
-    den = den.reshape(batch, heads, chunks * chunk, 1)[:, :, :n]
-    return (num / (den + eps)).to(q.dtype)
 
 
 # Triton launchers ----------------------------------------------------------------------------------------------
@@ -188,7 +135,7 @@ def linear_chunk(dtype, head_dim, feature_dim=None):
 
 
 def linear_config_chain(kernel, dtype, head_dim, feature_dim=None, causal=False):
-    """The configs (BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel, in the order `_launch` (and
+    """The configs (BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel, in the order `launch_kernel` (and
     ahead-of-time compilation) tries them: the first that compiles without register spills is used.
     CONFIG_OVERRIDE[kernel] replaces the chain. `causal` is part of the signature for chains that may differ by
     it; today they do not."""
@@ -205,7 +152,7 @@ def linear_config_chain(kernel, dtype, head_dim, feature_dim=None, causal=False)
 
 
 def _linear_variant(kernel, feature_map, feature_dim, causal):
-    # _launch caches the spill-free config per name: each constexpr variant gets its own entry.
+    # launch_kernel caches the spill-free config per name: each constexpr variant gets its own entry.
     return f"{kernel}[{feature_map},F={feature_dim},{'causal' if causal else 'full'}]"
 
 
@@ -213,7 +160,7 @@ def _linear_launcher(q, feature_map, feature_dim, causal):
     """run(name, kernel, grid, args, constexprs): one kernel of this call, with its config chain."""
     def run(name, kernel, grid, args, constexprs):
         chain = linear_config_chain(name, q.dtype, q.shape[-1], feature_dim, causal)
-        _launch(_linear_variant(name, feature_map, feature_dim, causal), kernel, grid, args, constexprs, q, chain)
+        launch_kernel(_linear_variant(name, feature_map, feature_dim, causal), kernel, grid, args, constexprs, q, chain)
     return run
 
 
@@ -297,7 +244,7 @@ def _linear_triton_bwd(q, k, v, w, o, den, mx, do, feature_map, eps, causal):
     return dq, dk, dv
 
 
-class _linear_TritonAttention(torch.autograd.Function):
+class _LinearTritonAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, w, feature_map, eps, causal):
         o, den, mx = _linear_triton_fwd(q, k, v, w, feature_map, eps, causal)
@@ -314,14 +261,10 @@ class _linear_TritonAttention(torch.autograd.Function):
 
 
 def _linear_check(q, k, v, feature_map, eps, causal, projection, backend):
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    check_backend(backend)
     if feature_map not in LINEAR_FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {LINEAR_FEATURE_MAPS}, got {feature_map!r}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor (batch, heads, n, head_dim), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    check_4d(q=q, k=k, v=v)
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must have one shape (expand grouped-query heads first), got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -344,13 +287,8 @@ def _linear_check(q, k, v, feature_map, eps, causal, projection, backend):
                              f"(heads={q.shape[1]}, head_dim={q.shape[3]}), got {got}")
     elif projection is not None:
         raise ValueError(f"a projection is only used by feature_map 'favor', got one for {feature_map!r}")
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
-        if triton is None:
-            raise RuntimeError("backend 'triton' needs the triton package")
-        if q.shape[3] not in LINEAR_HEAD_DIMS:
-            raise ValueError(f"the Triton kernels take head_dim in {LINEAR_HEAD_DIMS}, got {q.shape[3]}")
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"the Triton kernels take float16, bfloat16 or float32, got {q.dtype}")
+    if uses_triton(q, backend):
+        check_triton_inputs(q, TRITON_HEAD_DIMS)
         if feature_map == "favor":
             feats = projection.shape[1]
             if feats < 16 or feats > 256 or feats & (feats - 1):
@@ -370,16 +308,16 @@ def linear_attention(q, k, v, feature_map, eps, causal, projection=None, backend
         out = linear_attention(q, k, v, "favor", 1e-6, causal=True, projection=w)
     """
     _linear_check(q, k, v, feature_map, eps, causal, projection, backend)
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
+    if uses_triton(q, backend):
         q, k, v = (x.contiguous() for x in (q, k, v))
         if feature_map == "favor":
             w = projection.to(device=q.device, dtype=torch.float32).contiguous()
         else:
             w = torch.empty(1, device=q.device, dtype=torch.float32)
-        return _linear_TritonAttention.apply(q, k, v, w, feature_map, float(eps), causal)
+        return _LinearTritonAttention.apply(q, k, v, w, feature_map, float(eps), causal)
     if projection is not None:
         projection = projection.to(q.device)
-    return _linear_torch(q, k, v, feature_map, float(eps), causal, projection)
+    return linear_attention_torch(q, k, v, feature_map, float(eps), causal, projection)
 
 
 def linear_init_state(batch, heads, feature_dim, head_dim, device, dtype=torch.float32):
@@ -398,8 +336,8 @@ def linear_step(q_t, k_t, v_t, state, feature_map, eps, projection=None):
     compute = s.dtype
     if projection is not None:
         projection = projection.to(q_t.device)
-    phi_q, _ = _linear_phi(q_t[:, :, None].to(compute), feature_map, projection)
-    phi_k, r = _linear_phi(k_t[:, :, None].to(compute), feature_map, projection)
+    phi_q, _ = linear_phi(q_t[:, :, None].to(compute), feature_map, projection)
+    phi_k, r = linear_phi(k_t[:, :, None].to(compute), feature_map, projection)
     r = torch.zeros_like(m) if r is None else r[..., 0]  # elu1, relu: no rescaling (factors exp(0) = 1)
     m_new = torch.maximum(m, r)
     old, new = torch.exp(m - m_new), torch.exp(r - m_new)
@@ -412,37 +350,27 @@ def linear_step(q_t, k_t, v_t, state, feature_map, eps, projection=None):
     return (num / (den + eps)).to(q_t.dtype), (s, z, m_new)
 
 
-def linear_aot_specs(dtype="fp16", head_dim=64, feature_maps=LINEAR_FEATURE_MAPS, causal=(True, False), features=64):
+def linear_aot_specs(dtype="fp16", head_dim=64, feature_maps=LINEAR_FEATURE_MAPS, causal=(True, False),
+                     features=64, kernels=None):
     """For every kernel variant: (name, kernel, signature, [(constexprs, options) per config of its chain]), as
-    aot_specs: the name is "<kernel>[<feature map>,F=<features>,causal|full]"; both passes' state and scan
+    `patterncc.aot`: the name is "<kernel>[<feature map>,F=<features>,causal|full]"; both passes' state and scan
     kernels, linear_fwd, linear_bwd_dq and linear_bwd_dkdv, for causal and bidirectional heads."""
-    ptr = "*" + dtype
-    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    tail = dict(n_ctx="i32", num_heads="i32")
-    scales = dict(data_scale="fp32", feature_scale="fp32")
-    state = dict(STATE_S="*fp32", STATE_Z="*fp32", STATE_E="*fp32")
-    rows = dict(DEN="*fp32", DELTA="*fp32", MX="*fp32")
-    state_signature = dict(X=ptr, Y=ptr, W="*fp32", **rows, **state, **tail, eps="fp32", **scales)
-    scan_signature = dict(**state, SEEN_Z="*fp32", SEEN_E="*fp32", num_chunks="i32")
-    kernels = {
-        "linear_state": (linear_state_kernel, state_signature),
-        "linear_scan": (linear_scan_kernel, scan_signature),
-        "linear_fwd": (linear_fwd_kernel, dict(Q=ptr, K=ptr, V=ptr, W="*fp32", O=ptr, DEN="*fp32", MX="*fp32",
-                                               **state, **tail, eps="fp32", **scales)),
-        "linear_bwd_state": (linear_state_kernel, state_signature),
-        "linear_bwd_scan": (linear_scan_kernel, scan_signature),
-        "linear_bwd_dq": (linear_bwd_dq_kernel, dict(Q=ptr, K=ptr, V=ptr, W="*fp32", DO=ptr, **rows, DQ=ptr,
-                                                     **state, **tail, eps="fp32", **scales)),
-        "linear_bwd_dkdv": (linear_bwd_dkdv_kernel, dict(Q=ptr, K=ptr, V=ptr, W="*fp32", DO=ptr, **rows, DK=ptr,
-                                                         DV=ptr, STATE_R="*fp32",
-                                                         STATE_RHO="*fp32", STATE_E="*fp32", **tail, eps="fp32",
-                                                         **scales)),
-    }
+    torch_dtype = AOT_DTYPES[dtype]
+    # Every pointer but the inputs and their gradients holds float32 (features, states, row statistics).
+    inputs = ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "X", "Y")
+    # `kernels` maps kernel function names to the kernels to compile (default: this module's).
+    functions = kernels or {"linear_state_kernel": linear_state_kernel, "linear_scan_kernel": linear_scan_kernel,
+                            "linear_fwd_kernel": linear_fwd_kernel, "linear_bwd_dq_kernel": linear_bwd_dq_kernel,
+                            "linear_bwd_dkdv_kernel": linear_bwd_dkdv_kernel}
+    kernels = {"linear_state": functions["linear_state_kernel"], "linear_scan": functions["linear_scan_kernel"],
+               "linear_fwd": functions["linear_fwd_kernel"], "linear_bwd_state": functions["linear_state_kernel"],
+               "linear_bwd_scan": functions["linear_scan_kernel"], "linear_bwd_dq": functions["linear_bwd_dq_kernel"],
+               "linear_bwd_dkdv": functions["linear_bwd_dkdv_kernel"]}
     out = []
     for feature_map in feature_maps:
         feats = linear_feature_dim(feature_map, head_dim, features)
         for is_causal in causal:
-            for name, (kernel, signature) in kernels.items():
+            for name, kernel in kernels.items():
                 if name in _LINEAR_SCANS:
                     flags = dict(HEAD_DIM=head_dim, FEATURE_DIM=feats, FAVOR=feature_map == "favor",
                                  REVERSE=name == "linear_bwd_scan", TOTAL=not is_causal)
@@ -453,9 +381,62 @@ def linear_aot_specs(dtype="fp16", head_dim=64, feature_maps=LINEAR_FEATURE_MAPS
                         flags["BACKWARD"] = name == "linear_bwd_state"
                     else:
                         flags["CAUSAL"] = is_causal
-                configs = [(dict(flags, BLOCK_M=block_m, BLOCK_N=block_n), dict(num_warps=warps, num_stages=stages))
-                           for block_m, block_n, warps, stages in linear_config_chain(name, torch_dtype, head_dim,
-                                                                                      feats, is_causal)]
-                signature = {**signature, **{key: "constexpr" for key in configs[0][0]}}
-                out.append((_linear_variant(name, feature_map, feats, is_causal), kernel, signature, configs))
+                pointers = {name: "*fp32" for name in inspect.signature(kernel.fn).parameters
+                            if name.isupper() and name not in inputs}
+                signature = aot_signature(kernel, dtype, pointers,
+                                          floats=("eps", "data_scale", "feature_scale"))
+                chain = linear_config_chain(name, torch_dtype, head_dim, feats, is_causal)
+                out.append((_linear_variant(name, feature_map, feats, is_causal), kernel, signature,
+                            aot_configs(chain, flags)))
     return out
+
+
+class LinearCall(NamedTuple):
+    """Pattern heads of one kernel group with equal parameters: one `linear_attention` call."""
+
+    buffer: str  # the module attribute holding its FAVOR+ projection (favor only)
+    heads: tuple  # pattern heads
+    draws: tuple  # favor: per head (seed, h), row h of linear_favor_projection(count, ..., seed)
+    count: int  # heads in the declared group
+    feature_map: str
+    features: int | None
+    eps: float
+
+
+def linear_call_buffer(call, head_dim):
+    """The FAVOR+ projections of a call's heads (heads, features, head_dim), from their seeds."""
+    seeds = {seed for seed, _ in call.draws}
+    drawn = {seed: linear_favor_projection(call.count, call.features, head_dim, seed) for seed in seeds}
+    return torch.stack([drawn[seed][h] for seed, h in call.draws])
+
+
+def linear_heads_attention(q, k, v, calls, buffers, num_heads, causal, backend):
+    """[(pattern heads, output)] for each kernel call of a module with `num_heads` pattern heads."""
+    pieces = []
+    for call in calls:
+        q_part, k_part, v_part = heads_of(q, k, v, call.heads, num_heads, expand_kv=True)
+        projection = per_q_head(buffers[call.buffer], q, num_heads) if call.feature_map == "favor" else None
+        pieces.append((call.heads, linear_attention(q_part, k_part, v_part, call.feature_map, call.eps, causal,
+                                                    projection, backend)))
+    return pieces
+
+
+def linear_heads_init_state(calls, batch, heads, head_dim, num_heads, device, dtype):
+    """The decoding state of every kernel call before the first token."""
+    repeat = heads // num_heads
+    return [linear_init_state(batch, len(call.heads) * repeat, linear_feature_dim(call.feature_map, head_dim,
+                                                                                  call.features),
+                              head_dim, device, dtype) for call in calls]
+
+
+def linear_heads_step(q_t, k_t, v_t, state, calls, buffers, num_heads):
+    """One decoding step of every kernel call: (out_t, new state), as the causal forward at that position."""
+    q, k, v = (x.unsqueeze(2) for x in (q_t, k_t, v_t))
+    pieces, new_state = [], []
+    for call, call_state in zip(calls, state):
+        q_part, k_part, v_part = (x.squeeze(2) for x in heads_of(q, k, v, call.heads, num_heads, expand_kv=True))
+        projection = per_q_head(buffers[call.buffer], q, num_heads) if call.feature_map == "favor" else None
+        out_part, call_state = linear_step(q_part, k_part, v_part, call_state, call.feature_map, call.eps, projection)
+        pieces.append((call.heads, out_part.unsqueeze(2)))
+        new_state.append(call_state)
+    return assemble_heads(pieces, q, num_heads).squeeze(2), new_state

@@ -1,64 +1,34 @@
-# Triton kernels: block-sparse FlashAttention-2 over the tile lists of each mask.
-#
-# Notation. Slots are positions in a mask's visiting order (natural order, or a grid transpose that makes the
-# mask block-sparse); `o_i` / `o_j` are the ORIGINAL positions held by query / key slots, so rows are loaded
-# and stored in natural order through the permutation, with no copy of q, k, v. For each query tile the
-# layout lists FULL key tiles (every pair allowed: no predicate) and PARTIAL ones (the predicate decides).
-# Scores are kept in the log2 domain: s2 = q.k * scale * log2(e); LSE stores m + log2(l) per row, +inf for a
-# row with no allowed key (its output is 0 and every exp2(s2 - LSE) in the backward pass is 0).
-# Prefixes: b_ block values, p_ pointers, o_ offsets, m_ masks.
+"""Triton kernels: block-sparse FlashAttention-2 over the tile lists of each mask.
+
+Notation. Slots are positions in a mask's visiting order (natural order, or a grid transpose that makes the
+mask block-sparse); `o_i` / `o_j` are the ORIGINAL positions held by query / key slots, so rows are loaded
+and stored in natural order through the permutation, with no copy of q, k, v. For each query tile the
+layout lists FULL key tiles (every pair allowed: no predicate) and PARTIAL ones (the predicate decides).
+Scores are kept in the log2 domain: s2 = q.k * scale * log2(e); LSE stores m + log2(l) per row, +inf for a
+row with no allowed key (its output is 0 and every exp2(s2 - LSE) in the backward pass is 0).
+Prefixes: b_ block values, p_ pointers, o_ offsets, m_ masks.
+"""
+
+import triton
+import triton.language as tl
+
+from ..shared.kernels import online_softmax_finish, online_softmax_update
 
 
 @triton.jit
-def _floordiv(a, b):
-    # Triton's integer // truncates toward zero; the pattern language floors (as Python does).
-    q = a // b
-    return tl.where(((a % b) != 0) & ((a < 0) != (b < 0)), q - 1, q)
+def pattern_allowed(o_i, o_j, mask_id, n_ctx, RANDOM, NUM_BLOCKS, PARAMS, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Which (query, key) pairs mask `mask_id` allows, o_i and o_j broadcast to [ROWS, COLS]: the one hook where a
+    pattern enters the kernels. Generated modules replace it with the pattern's predicate (reading its block
+    tables from RANDOM and its runtime parameters from PARAMS); this default reads dense masks, RANDOM holding
+    int8 [masks, n, n] (`dense_block_masks`), so the kernels can be tested on any mask."""
+    m_real = (o_i < n_ctx) & (o_j < n_ctx)
+    m_allowed = tl.load(RANDOM + (mask_id.to(tl.int64) * n_ctx + o_i) * n_ctx + o_j, mask=m_real, other=0) != 0
+    return tl.broadcast_to(m_allowed, [ROWS, COLS])
 
 
 @triton.jit
-def _floormod(a, b):
-    r = a % b
-    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
-
-
-@triton.jit
-def _isqrt(x):
-    # float32 sqrt is within one of the integer root for x < 2**30; fix it up exactly.
-    r = tl.sqrt(x.to(tl.float32)).to(x.dtype)
-    r = tl.where(r * r > x, r - 1, r)
-    return tl.where((r + 1) * (r + 1) <= x, r + 1, r)
-
-
-@triton.jit
-def {{ plan.prefix }}_allowed(o_i, o_j, mask_id, n_ctx, RANDOM, NUM_BLOCKS{{ runtime_args }}, ROWS: tl.constexpr,
-        COLS: tl.constexpr):
-    """Which (query, key) pairs the mask allows: o_i and o_j broadcast to [ROWS, COLS]."""
-{% if plan.int64 %}
-    # Some intermediate value of the predicate can exceed int32 for long sequences.
-    o_i = o_i.to(tl.int64)
-    o_j = o_j.to(tl.int64)
-{% endif %}
-{% for mask in masks %}
-{% if masks | length > 1 %}
-    {{ 'if' if loop.first else 'elif' }} mask_id == {{ mask.plan.index }}:
-        # {{ mask.plan.heads | join(' | ') }}: {{ mask.plan.math }}
-        m_allowed = {{ mask.triton_tile }}
-{% else %}
-    # {{ mask.plan.heads | join(' | ') }}: {{ mask.plan.math }}
-    m_allowed = {{ mask.triton_tile }}
-{% endif %}
-{% endfor %}
-{% if masks | length > 1 %}
-    else:
-        m_allowed = tl.full([ROWS, COLS], 0, tl.int1)
-{% endif %}
-    return m_allowed
-
-
-@triton.jit
-def {{ plan.prefix }}_fwd_inner(acc, l_i, m_i, b_q, p_k_head, p_v_head, stride_kn, stride_vn, COUNT, INDEX, width,
-        row, o_i, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS{{ runtime_args }}, sm_scale_log2,
+def blocksparse_fwd_inner(acc, l_i, m_i, b_q, p_k_head, p_v_head, stride_kn, stride_vn, COUNT, INDEX, width,
+        row, o_i, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr,
         IS_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
     o_d = tl.arange(0, HEAD_DIM)
@@ -78,28 +48,21 @@ def {{ plan.prefix }}_fwd_inner(acc, l_i, m_i, b_q, p_k_head, p_v_head, stride_k
         b_v = tl.load(p_v, mask=m_n[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
         b_s = tl.dot(b_q, b_kT, input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
         if IS_PARTIAL:
-            m_allowed = {{ plan.prefix }}_allowed(o_i[:, None], o_j[None, :], mask_id, n_ctx, RANDOM,
-                                          NUM_BLOCKS{{ runtime_args }}, BLOCK_M, BLOCK_N)
+            m_allowed = pattern_allowed(o_i[:, None], o_j[None, :], mask_id, n_ctx, RANDOM, NUM_BLOCKS, PARAMS,
+                                        BLOCK_M, BLOCK_N)
             b_s = tl.where(m_allowed & m_n[None, :], b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
-        # A row with nothing allowed yet keeps m = -inf; subtracting 0 instead keeps exp2 free of NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        b_p = tl.math.exp2(b_s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(b_p, 1)
-        acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, b_s, b_v, DOT_PRECISION)
     return acc, l_i, m_i
 
 
 @triton.jit
-def {{ plan.prefix }}_fwd_kernel(
+def blocksparse_fwd_kernel(
         Q, K, V, O, LSE,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
         n_ctx, num_q_heads, q_per_kv, q_per_head, num_q_tiles,
         HEAD_MASK, POSITIONS, FULL_COUNT, FULL_INDEX, full_width, PART_COUNT, PART_INDEX, part_width,
-        RANDOM, NUM_BLOCKS{{ runtime_args }}, sm_scale_log2,
+        RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr,
         DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
     # Kernel tiles subdivide layout tiles: a query tile of BLOCK_M rows lies in one layout row.
@@ -128,19 +91,16 @@ def {{ plan.prefix }}_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     row = mask_id.to(tl.int64) * num_q_tiles + pid_m * BLOCK_M // LAYOUT_BLOCK
-    acc, l_i, m_i = {{ plan.prefix }}_fwd_inner(
+    acc, l_i, m_i = blocksparse_fwd_inner(
         acc, l_i, m_i, b_q, p_k_head, p_v_head, stride_kn, stride_vn, FULL_COUNT, FULL_INDEX, full_width, row, o_i,
-        mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS{{ runtime_args }}, sm_scale_log2,
+        mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
         HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, False, DOT_PRECISION, LAYOUT_BLOCK)
-    acc, l_i, m_i = {{ plan.prefix }}_fwd_inner(
+    acc, l_i, m_i = blocksparse_fwd_inner(
         acc, l_i, m_i, b_q, p_k_head, p_v_head, stride_kn, stride_vn, PART_COUNT, PART_INDEX, part_width, row, o_i,
-        mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS{{ runtime_args }}, sm_scale_log2,
+        mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
         HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, True, DOT_PRECISION, LAYOUT_BLOCK)
 
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    acc = acc / l_safe[:, None]
-    b_lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
+    acc, b_lse = online_softmax_finish(acc, l_i, m_i, float("inf"))
     p_o = O + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + o_i.to(tl.int64)[:, None] * stride_on \
         + o_d[None, :]
     tl.store(p_o, acc.to(O.dtype.element_ty), mask=m_m[:, None])
@@ -148,9 +108,9 @@ def {{ plan.prefix }}_fwd_kernel(
 
 
 @triton.jit
-def {{ plan.prefix }}_bwd_dkdv_inner(dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_head, p_lse_head, p_delta_head,
+def blocksparse_bwd_dkdv_inner(dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_head, p_lse_head, p_delta_head,
         stride_qn, stride_don, COUNT, INDEX, width, row, mask_id, n_ctx, POSITIONS, RANDOM,
-        NUM_BLOCKS{{ runtime_args }}, sm_scale_log2, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+        NUM_BLOCKS, PARAMS, sm_scale_log2, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr, IS_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
         LAYOUT_BLOCK: tl.constexpr):
     o_d = tl.arange(0, HEAD_DIM)
@@ -172,8 +132,8 @@ def {{ plan.prefix }}_bwd_dkdv_inner(dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_
         b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_N, BLOCK_M]
         b_pT = tl.math.exp2(b_sT - b_lse[None, :])
         if IS_PARTIAL:
-            m_allowedT = {{ plan.prefix }}_allowed(o_i[None, :], o_j[:, None], mask_id, n_ctx, RANDOM,
-                                           NUM_BLOCKS{{ runtime_args }}, BLOCK_N, BLOCK_M)
+            m_allowedT = pattern_allowed(o_i[None, :], o_j[:, None], mask_id, n_ctx, RANDOM, NUM_BLOCKS, PARAMS,
+                                         BLOCK_N, BLOCK_M)
             b_pT = tl.where(m_allowedT & m_n[:, None], b_pT, 0.0)
         dv += tl.dot(b_pT.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
         b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
@@ -183,14 +143,14 @@ def {{ plan.prefix }}_bwd_dkdv_inner(dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_
 
 
 @triton.jit
-def {{ plan.prefix }}_bwd_dkdv_kernel(
+def blocksparse_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
         stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
         n_ctx, num_q_heads, q_per_kv, q_per_head, num_k_tiles,
         HEAD_MASK, POSITIONS, FULL_COUNT_T, FULL_INDEX_T, full_width_t, PART_COUNT_T, PART_INDEX_T, part_width_t,
-        RANDOM, NUM_BLOCKS{{ runtime_args }}, sm_scale, sm_scale_log2,
+        RANDOM, NUM_BLOCKS, PARAMS, sm_scale, sm_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr,
         DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
     tl.static_assert(LAYOUT_BLOCK % BLOCK_M == 0 and LAYOUT_BLOCK % BLOCK_N == 0)
@@ -225,28 +185,28 @@ def {{ plan.prefix }}_bwd_dkdv_kernel(
     p_lse_head = LSE + pid_bh.to(tl.int64) * n_ctx
     p_delta_head = DELTA + pid_bh.to(tl.int64) * n_ctx
     row = mask_id.to(tl.int64) * num_k_tiles + pid_n * BLOCK_N // LAYOUT_BLOCK
-    dk, dv = {{ plan.prefix }}_bwd_dkdv_inner(
+    dk, dv = blocksparse_bwd_dkdv_inner(
         dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_head, p_lse_head, p_delta_head, stride_qn, stride_don,
         FULL_COUNT_T, FULL_INDEX_T, full_width_t, row, mask_id, n_ctx, POSITIONS, RANDOM,
-        NUM_BLOCKS{{ runtime_args }}, sm_scale_log2, HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, False, DOT_PRECISION,
+        NUM_BLOCKS, PARAMS, sm_scale_log2, HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, False, DOT_PRECISION,
         LAYOUT_BLOCK)
-    dk, dv = {{ plan.prefix }}_bwd_dkdv_inner(
+    dk, dv = blocksparse_bwd_dkdv_inner(
         dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_head, p_lse_head, p_delta_head, stride_qn, stride_don,
         PART_COUNT_T, PART_INDEX_T, part_width_t, row, mask_id, n_ctx, POSITIONS, RANDOM,
-        NUM_BLOCKS{{ runtime_args }}, sm_scale_log2, HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, True, DOT_PRECISION,
+        NUM_BLOCKS, PARAMS, sm_scale_log2, HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, True, DOT_PRECISION,
         LAYOUT_BLOCK)
 
-    p_dk = DK + b.to(tl.int64) * stride_dkb + hq.to(tl.int64) * stride_dkh + o_j.to(tl.int64)[:, None] * stride_dkn \
-        + o_d[None, :]
-    p_dv = DV + b.to(tl.int64) * stride_dvb + hq.to(tl.int64) * stride_dvh + o_j.to(tl.int64)[:, None] * stride_dvn \
-        + o_d[None, :]
+    p_dk = DK + b.to(tl.int64) * stride_dkb + hq.to(tl.int64) * stride_dkh \
+        + o_j.to(tl.int64)[:, None] * stride_dkn + o_d[None, :]
+    p_dv = DV + b.to(tl.int64) * stride_dvb + hq.to(tl.int64) * stride_dvh \
+        + o_j.to(tl.int64)[:, None] * stride_dvn + o_d[None, :]
     tl.store(p_dk, (dk * sm_scale).to(DK.dtype.element_ty), mask=m_n[:, None])
     tl.store(p_dv, dv.to(DV.dtype.element_ty), mask=m_n[:, None])
 
 
 @triton.jit
-def {{ plan.prefix }}_bwd_dq_inner(dq, b_q, b_do, b_lse, b_delta, o_i, p_k_head, p_v_head, stride_kn, stride_vn,
-        COUNT, INDEX, width, row, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS{{ runtime_args }}, sm_scale_log2,
+def blocksparse_bwd_dq_inner(dq, b_q, b_do, b_lse, b_delta, o_i, p_k_head, p_v_head, stride_kn, stride_vn,
+        COUNT, INDEX, width, row, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr,
         IS_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
     o_d = tl.arange(0, HEAD_DIM)
@@ -267,8 +227,8 @@ def {{ plan.prefix }}_bwd_dq_inner(dq, b_q, b_do, b_lse, b_delta, o_i, p_k_head,
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
         b_p = tl.math.exp2(b_s - b_lse[:, None])
         if IS_PARTIAL:
-            m_allowed = {{ plan.prefix }}_allowed(o_i[:, None], o_j[None, :], mask_id, n_ctx, RANDOM,
-                                          NUM_BLOCKS{{ runtime_args }}, BLOCK_M, BLOCK_N)
+            m_allowed = pattern_allowed(o_i[:, None], o_j[None, :], mask_id, n_ctx, RANDOM, NUM_BLOCKS, PARAMS,
+                                        BLOCK_M, BLOCK_N)
             b_p = tl.where(m_allowed & m_n[None, :], b_p, 0.0)
         b_dp = tl.dot(b_do, b_vT, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -277,13 +237,13 @@ def {{ plan.prefix }}_bwd_dq_inner(dq, b_q, b_do, b_lse, b_delta, o_i, p_k_head,
 
 
 @triton.jit
-def {{ plan.prefix }}_bwd_dq_kernel(
+def blocksparse_bwd_dq_kernel(
         Q, K, V, DO, DQ, LSE, DELTA,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
         n_ctx, num_q_heads, q_per_kv, q_per_head, num_q_tiles,
         HEAD_MASK, POSITIONS, FULL_COUNT, FULL_INDEX, full_width, PART_COUNT, PART_INDEX, part_width,
-        RANDOM, NUM_BLOCKS{{ runtime_args }}, sm_scale, sm_scale_log2,
+        RANDOM, NUM_BLOCKS, PARAMS, sm_scale, sm_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr,
         DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
     tl.static_assert(LAYOUT_BLOCK % BLOCK_M == 0 and LAYOUT_BLOCK % BLOCK_N == 0)
@@ -311,14 +271,14 @@ def {{ plan.prefix }}_bwd_dq_kernel(
     p_v_head = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     row = mask_id.to(tl.int64) * num_q_tiles + pid_m * BLOCK_M // LAYOUT_BLOCK
-    dq = {{ plan.prefix }}_bwd_dq_inner(
+    dq = blocksparse_bwd_dq_inner(
         dq, b_q, b_do, b_lse, b_delta, o_i, p_k_head, p_v_head, stride_kn, stride_vn, FULL_COUNT, FULL_INDEX,
-        full_width, row, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS{{ runtime_args }}, sm_scale_log2,
+        full_width, row, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
         HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, False, DOT_PRECISION, LAYOUT_BLOCK)
-    dq = {{ plan.prefix }}_bwd_dq_inner(
+    dq = blocksparse_bwd_dq_inner(
         dq, b_q, b_do, b_lse, b_delta, o_i, p_k_head, p_v_head, stride_kn, stride_vn, PART_COUNT, PART_INDEX,
-        part_width, row, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS{{ runtime_args }}, sm_scale_log2,
+        part_width, row, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
         HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, True, DOT_PRECISION, LAYOUT_BLOCK)
-    p_dq = DQ + b.to(tl.int64) * stride_dqb + hq.to(tl.int64) * stride_dqh + o_i.to(tl.int64)[:, None] * stride_dqn \
-        + o_d[None, :]
+    p_dq = DQ + b.to(tl.int64) * stride_dqb + hq.to(tl.int64) * stride_dqh \
+        + o_i.to(tl.int64)[:, None] * stride_dqn + o_d[None, :]
     tl.store(p_dq, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None])

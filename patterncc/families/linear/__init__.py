@@ -1,0 +1,3 @@
+"""The linear kernel family (see patterncc/families/__init__.py)."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""Pieces every kernel family uses, written once."""
+
+__all__: list[str] = []
