@@ -164,8 +164,14 @@ class Assembled:
     text: str  # the definitions
 
 
-def assemble(roots: set[str], hooks: frozenset[str] = HOOKS) -> Assembled:
-    """The library definitions that `roots` need (transitively), as source text for a generated module."""
+def assemble(roots: set[str], hooks: frozenset[str] = HOOKS, constants: dict[str, tuple] | None = None,
+             values: dict[str, tuple] | None = None) -> Assembled:
+    """The library definitions that `roots` need (transitively), as source text for a generated module.
+
+    constants: for a kernel constexpr, the values this module's launches give it (e.g. FEATURE: ("elu1",)):
+    Triton kernels' `if` branches no value can take are dropped (Triton would drop them at compile time too, so
+    the compiled code is the same). values: module-level tuples narrowed to what the module supports (e.g.
+    LINEAR_FEATURE_MAPS), so no call can reach a dropped branch."""
     by_name: dict[str, Definition] = {}
     for definition in library_definitions():
         for name in definition.binds:
@@ -181,6 +187,8 @@ def assemble(roots: set[str], hooks: frozenset[str] = HOOKS) -> Assembled:
         definition = by_name[pending.pop()]
         if definition.order in selected:
             continue
+        # Specialized first: what only a dropped branch reads is not copied.
+        definition = _specialized(definition, constants or {}, values or {})
         selected[definition.order] = definition
         pending.extend(name for name in definition.reads if name in by_name)
     definitions = [selected[order] for order in sorted(selected)]
@@ -189,6 +197,89 @@ def assemble(roots: set[str], hooks: frozenset[str] = HOOKS) -> Assembled:
     needed |= {stdlib[name] for name in roots if name in stdlib}
     imports = sorted(needed, key=lambda line: (line.startswith("from"), line))
     return Assembled(tuple(imports), _layout_text(definitions))
+
+
+def _specialized(definition: Definition, constants: dict[str, tuple], values: dict[str, tuple]) -> Definition:
+    narrowed = definition.binds & set(values)
+    if narrowed:
+        (name,) = narrowed
+        text = f"{name} = {values[name]!r}  # what this module's kernels were generated for\n"
+        return Definition(definition.source, definition.order, definition.binds, definition.reads, text,
+                          definition.gap)
+    if not definition.source.needs_triton or not constants:
+        return definition
+    text = definition.text
+    while True:
+        tree = ast.parse(text)
+        decided = next(((node, verdict) for node in ast.walk(tree) if isinstance(node, ast.If)
+                        for verdict in [_decide(node.test, constants)] if verdict is not None), None)
+        if decided is None:
+            break
+        new_text = _drop_branch(text, *decided)
+        try:
+            ast.parse(new_text)
+        except SyntaxError:  # e.g. a block left empty: keep the branch
+            break
+        text = new_text
+    reads = frozenset(_reads(ast.parse(text)))
+    return Definition(definition.source, definition.order, definition.binds, reads, text, definition.gap)
+
+
+def _decide(test: ast.expr, constants: dict[str, tuple]) -> bool | None:
+    """The value of an `if` test over one constexpr, when every value the constexpr takes gives the same."""
+    if isinstance(test, ast.Name) and test.id in constants:
+        outcomes = {bool(v) for v in constants[test.id]}
+    elif isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not) and isinstance(test.operand, ast.Name) \
+            and test.operand.id in constants:
+        outcomes = {not v for v in constants[test.operand.id]}
+    elif isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.left, ast.Name) \
+            and test.left.id in constants and isinstance(test.comparators[0], ast.Constant) \
+            and isinstance(test.ops[0], (ast.Eq, ast.NotEq)):
+        target = test.comparators[0].value
+        outcomes = {(v == target) == isinstance(test.ops[0], ast.Eq) for v in constants[test.left.id]}
+    else:
+        return None
+    return outcomes.pop() if len(outcomes) == 1 else None
+
+
+def _drop_branch(text: str, node: ast.If, verdict: bool) -> str:
+    """`text` with the `if` (or `elif`) `node` replaced by the branch that `verdict` selects."""
+    lines = text.splitlines(keepends=True)
+    header = node.lineno
+    is_elif = lines[header - 1].lstrip().startswith("elif")
+    indent = len(lines[header - 1]) - len(lines[header - 1].lstrip())
+    delta = len(lines[node.body[0].lineno - 1]) - len(lines[node.body[0].lineno - 1].lstrip()) - indent
+    end = node.end_lineno
+    else_line, else_kind = None, None
+    if node.orelse:
+        first = node.orelse[0]
+        if isinstance(first, ast.If) and lines[first.lineno - 1].lstrip().startswith("elif"):
+            else_line, else_kind = first.lineno, "elif"
+        else:
+            else_line = next(n for n in range(node.body[-1].end_lineno + 1, first.lineno)
+                             if lines[n - 1].lstrip().startswith("else"))
+            else_kind = "else"
+    body_end = (else_line - 1) if else_line else end
+
+    def dedent(chunk):
+        return [line[delta:] if line[:delta].strip() == "" else line for line in chunk]
+
+    before, after = lines[:header - 1], lines[end:]
+    if verdict:
+        body = lines[header:body_end]
+        if is_elif:
+            return "".join(before + [" " * indent + "else:\n"] + body + after)
+        return "".join(before + dedent(body) + after)
+    if else_kind is None:
+        return "".join(before + after)
+    if else_kind == "elif":
+        rest = lines[else_line - 1:end]
+        if not is_elif:
+            rest[0] = rest[0].replace("elif", "if", 1)
+        return "".join(before + rest + after)
+    if is_elif:
+        return "".join(before + lines[else_line - 1:end] + after)
+    return "".join(before + dedent(lines[else_line:end]) + after)
 
 
 def _layout_text(definitions: list[Definition]) -> str:

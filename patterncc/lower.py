@@ -368,7 +368,11 @@ def render(kernel_plan: KernelPlan, key: str) -> str:
     template = _environment().get_template("module.py.jinja")
     # First pass: the pattern's own code, to learn which library definitions it reaches.
     skeleton = template.render(**context, library="", stdlib_imports=(), public_names="[]")
-    library = assemble(_global_reads(skeleton))
+    # Kernel heads: only the feature maps this pattern uses reach the kernels (and the module's checks).
+    feature_maps = tuple(sorted({call.feature_map for call in kernel_plan.kernel_calls}))
+    constants = {"FEATURE": feature_maps, "FAVOR": tuple({m == "favor" for m in feature_maps})}
+    library = assemble(_global_reads(skeleton), constants=constants if feature_maps else None,
+                       values={"LINEAR_FEATURE_MAPS": feature_maps} if feature_maps else None)
     public = _public_names(kernel_plan, library.text)
     source = template.render(**context, library=library.text.rstrip("\n"), stdlib_imports=library.imports,
                              public_names=_format_list(public))

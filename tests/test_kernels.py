@@ -171,7 +171,7 @@ def test_new_sequence_length_reuses_kernels_and_caches_layouts(modules):
     assert module.get_layout(64, "cpu") is not layout
     assert layout.params_tensor.tolist() == [10]  # the kernels read runtime parameters through one pointer
     for name, _, signature, configs in module_aot_specs(module)("fp16", 64):
-        assert signature["n_ctx"] == "i32" and signature["PARAMS"] == "*i32", name
+        assert signature["n_ctx"] == "i32" and signature["PARAMS"] == "*i32" and signature["NUM_BLOCKS"] == "i32", name
         for constexprs, _ in configs:
             assert "n_ctx" not in constexprs and "PARAMS" not in constexprs, name
 

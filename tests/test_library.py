@@ -107,3 +107,18 @@ def test_generated_files_define_only_what_they_use(path):
         for family, marker in (("set", "def blocksparse_fwd_kernel("), ("hashed", "def lsh_fwd_kernel("),
                                ("kernel", "def linear_fwd_kernel(")):
             assert (marker in compiled.source) == (family in families), f"{path.stem}: {family} kernels"
+
+
+def test_kernel_branches_of_unused_feature_maps_are_dropped(tmp_path):
+    """A module whose kernel heads all use elu1 carries no FAVOR+ or relu branch in its kernels, and its
+    linear_attention accepts only elu1 (no call can reach a dropped branch)."""
+    from kernel_support import build
+
+    module = build(patterncc.parse("pattern p() { causal; head a = local(4); head b = kernel(elu1) }"), tmp_path)
+    source = open(module.__file__).read()
+    assert 'FEATURE == "favor"' not in source and 'FEATURE == "relu"' not in source
+    assert "def linear_favor_projection(" not in source
+    assert module.LINEAR_FEATURE_MAPS == ("elu1",)
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="feature_map must be one of"):
+        module.linear_attention(q, q, q, "relu", 1e-6, True)

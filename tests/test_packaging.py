@@ -35,6 +35,7 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path: Path):
     assert "patterncc/grammar/attn.lark" in names, sorted(names)
     assert any(n.startswith("patterncc/templates/") for n in names), "templates/ is not in the wheel"
     assert "patterncc/cli.py" in names
+    assert "patterncc/families/blocksparse/kernels.py" in names, "the kernel families are not in the wheel"
 
     # A venv of its own whose dependencies (torch and the rest) come from this interpreter's site-packages
     # through a .pth file, so that nothing is downloaded; patterncc itself only from the wheel.
@@ -63,3 +64,9 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path: Path):
                  work, env)
     assert shown.stdout.strip() == "wrote strided.png"
     assert (work / "strided.png").read_bytes()[:4] == b"\x89PNG"
+    # Generated modules are assembled from the installed package's family files.
+    compiled = _run([venv / "bin" / "patterncc", "compile", "examples/strided.attn", "-o", "kernels"], work, env)
+    assert "wrote" in compiled.stdout and (work / "kernels" / "strided.py").exists(), compiled.stdout
+    ran = _run([python, "-c", "import torch; from kernels.strided import StridedAttention as A; "
+                              "print(tuple(A()(*(torch.randn(1, 2, 40, 16) for _ in range(3))).shape))"], work, env)
+    assert ran.stdout.strip() == "(1, 2, 40, 16)", ran.stdout

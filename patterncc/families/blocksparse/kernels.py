@@ -27,6 +27,27 @@ def pattern_allowed(o_i, o_j, mask_id, n_ctx, RANDOM, NUM_BLOCKS, PARAMS, ROWS: 
 
 
 @triton.jit
+def blocksparse_program_head(pid_bh, num_q_heads, q_per_kv, q_per_head, HEAD_MASK):
+    """A program's (batch, query head, kv head, mask) from its batch x query-head index."""
+    b = pid_bh // num_q_heads
+    hq = pid_bh % num_q_heads
+    return b, hq, hq // q_per_kv, tl.load(HEAD_MASK + hq // q_per_head)
+
+
+@triton.jit
+def blocksparse_positions(start, n_ctx, POSITIONS, mask_id, SIZE: tl.constexpr, PERMUTED: tl.constexpr):
+    """The original positions held by slots start .. start + SIZE - 1 of mask `mask_id`'s visiting order, and which
+    of those slots exist (< n)."""
+    o_slot = start + tl.arange(0, SIZE)
+    m_slot = o_slot < n_ctx
+    if PERMUTED:
+        o_pos = tl.load(POSITIONS + mask_id.to(tl.int64) * n_ctx + o_slot, mask=m_slot, other=0)
+    else:
+        o_pos = o_slot
+    return o_pos, m_slot
+
+
+@triton.jit
 def blocksparse_fwd_inner(acc, l_i, m_i, b_q, p_k_head, p_v_head, stride_kn, stride_vn, COUNT, INDEX, width,
         row, o_i, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr,
@@ -36,12 +57,8 @@ def blocksparse_fwd_inner(acc, l_i, m_i, b_q, p_k_head, p_v_head, stride_kn, str
     count = tl.load(COUNT + row)
     for t in range(0, count * SPLIT):
         kb = tl.load(INDEX + row * width + t // SPLIT)
-        o_slot_n = kb * LAYOUT_BLOCK + (t % SPLIT) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_n = o_slot_n < n_ctx
-        if PERMUTED:
-            o_j = tl.load(POSITIONS + mask_id.to(tl.int64) * n_ctx + o_slot_n, mask=m_n, other=0)
-        else:
-            o_j = o_slot_n
+        o_j, m_n = blocksparse_positions(kb * LAYOUT_BLOCK + (t % SPLIT) * BLOCK_N, n_ctx, POSITIONS, mask_id,
+                                         BLOCK_N, PERMUTED)
         p_kT = p_k_head + o_j.to(tl.int64)[None, :] * stride_kn + o_d[:, None]
         p_v = p_v_head + o_j.to(tl.int64)[:, None] * stride_vn + o_d[None, :]
         b_kT = tl.load(p_kT, mask=m_n[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
@@ -69,17 +86,9 @@ def blocksparse_fwd_kernel(
     tl.static_assert(LAYOUT_BLOCK % BLOCK_M == 0 and LAYOUT_BLOCK % BLOCK_N == 0)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_q_heads
-    hq = pid_bh % num_q_heads
-    hkv = hq // q_per_kv
-    mask_id = tl.load(HEAD_MASK + hq // q_per_head)
+    b, hq, hkv, mask_id = blocksparse_program_head(pid_bh, num_q_heads, q_per_kv, q_per_head, HEAD_MASK)
 
-    o_slot_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_slot_m < n_ctx
-    if PERMUTED:
-        o_i = tl.load(POSITIONS + mask_id.to(tl.int64) * n_ctx + o_slot_m, mask=m_m, other=0)
-    else:
-        o_i = o_slot_m
+    o_i, m_m = blocksparse_positions(pid_m * BLOCK_M, n_ctx, POSITIONS, mask_id, BLOCK_M, PERMUTED)
     o_d = tl.arange(0, HEAD_DIM)
     p_q = Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh + o_i.to(tl.int64)[:, None] * stride_qn \
         + o_d[None, :]
@@ -118,12 +127,8 @@ def blocksparse_bwd_dkdv_inner(dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_head, 
     count = tl.load(COUNT + row)
     for t in range(0, count * SPLIT):
         qb = tl.load(INDEX + row * width + t // SPLIT)
-        o_slot_m = qb * LAYOUT_BLOCK + (t % SPLIT) * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_m = o_slot_m < n_ctx
-        if PERMUTED:
-            o_i = tl.load(POSITIONS + mask_id.to(tl.int64) * n_ctx + o_slot_m, mask=m_m, other=0)
-        else:
-            o_i = o_slot_m
+        o_i, m_m = blocksparse_positions(qb * LAYOUT_BLOCK + (t % SPLIT) * BLOCK_M, n_ctx, POSITIONS, mask_id,
+                                         BLOCK_M, PERMUTED)
         b_q = tl.load(p_q_head + o_i.to(tl.int64)[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
         b_do = tl.load(p_do_head + o_i.to(tl.int64)[:, None] * stride_don + o_d[None, :], mask=m_m[:, None],
                        other=0.0)
@@ -159,17 +164,9 @@ def blocksparse_bwd_dkdv_kernel(
     # by the launcher.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_q_heads
-    hq = pid_bh % num_q_heads
-    hkv = hq // q_per_kv
-    mask_id = tl.load(HEAD_MASK + hq // q_per_head)
+    b, hq, hkv, mask_id = blocksparse_program_head(pid_bh, num_q_heads, q_per_kv, q_per_head, HEAD_MASK)
 
-    o_slot_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_n = o_slot_n < n_ctx
-    if PERMUTED:
-        o_j = tl.load(POSITIONS + mask_id.to(tl.int64) * n_ctx + o_slot_n, mask=m_n, other=0)
-    else:
-        o_j = o_slot_n
+    o_j, m_n = blocksparse_positions(pid_n * BLOCK_N, n_ctx, POSITIONS, mask_id, BLOCK_N, PERMUTED)
     o_d = tl.arange(0, HEAD_DIM)
     p_k = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh + o_j.to(tl.int64)[:, None] * stride_kn \
         + o_d[None, :]
@@ -214,12 +211,8 @@ def blocksparse_bwd_dq_inner(dq, b_q, b_do, b_lse, b_delta, o_i, p_k_head, p_v_h
     count = tl.load(COUNT + row)
     for t in range(0, count * SPLIT):
         kb = tl.load(INDEX + row * width + t // SPLIT)
-        o_slot_n = kb * LAYOUT_BLOCK + (t % SPLIT) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_n = o_slot_n < n_ctx
-        if PERMUTED:
-            o_j = tl.load(POSITIONS + mask_id.to(tl.int64) * n_ctx + o_slot_n, mask=m_n, other=0)
-        else:
-            o_j = o_slot_n
+        o_j, m_n = blocksparse_positions(kb * LAYOUT_BLOCK + (t % SPLIT) * BLOCK_N, n_ctx, POSITIONS, mask_id,
+                                         BLOCK_N, PERMUTED)
         b_k = tl.load(p_k_head + o_j.to(tl.int64)[:, None] * stride_kn + o_d[None, :], mask=m_n[:, None],
                       other=0.0)  # [BLOCK_N, HEAD_DIM]
         b_vT = tl.load(p_v_head + o_j.to(tl.int64)[None, :] * stride_vn + o_d[:, None], mask=m_n[None, :],
@@ -249,17 +242,9 @@ def blocksparse_bwd_dq_kernel(
     tl.static_assert(LAYOUT_BLOCK % BLOCK_M == 0 and LAYOUT_BLOCK % BLOCK_N == 0)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_q_heads
-    hq = pid_bh % num_q_heads
-    hkv = hq // q_per_kv
-    mask_id = tl.load(HEAD_MASK + hq // q_per_head)
+    b, hq, hkv, mask_id = blocksparse_program_head(pid_bh, num_q_heads, q_per_kv, q_per_head, HEAD_MASK)
 
-    o_slot_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_m = o_slot_m < n_ctx
-    if PERMUTED:
-        o_i = tl.load(POSITIONS + mask_id.to(tl.int64) * n_ctx + o_slot_m, mask=m_m, other=0)
-    else:
-        o_i = o_slot_m
+    o_i, m_m = blocksparse_positions(pid_m * BLOCK_M, n_ctx, POSITIONS, mask_id, BLOCK_M, PERMUTED)
     o_d = tl.arange(0, HEAD_DIM)
     b_q = tl.load(Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
                   + o_i.to(tl.int64)[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)

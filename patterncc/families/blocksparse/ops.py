@@ -159,7 +159,7 @@ def blocksparse_aot_specs(masks, dtype="fp16", head_dim=64, kernels=None):
     torch_dtype = AOT_DTYPES[dtype]
     pointers = dict(LSE="*fp32", DELTA="*fp32", HEAD_MASK="*i32", POSITIONS="*i32", FULL_COUNT="*i32",
                     FULL_INDEX="*i32", PART_COUNT="*i32", PART_INDEX="*i32", FULL_COUNT_T="*i32",
-                    FULL_INDEX_T="*i32", PART_COUNT_T="*i32", PART_INDEX_T="*i32", RANDOM="*i8",
+                    FULL_INDEX_T="*i32", PART_COUNT_T="*i32", PART_INDEX_T="*i32", RANDOM="*i8", NUM_BLOCKS="i32",
                     PARAMS="*i64" if masks.int64 else "*i32")
     return [(name, kernel, aot_signature(kernel, dtype, pointers, floats=("sm_scale", "sm_scale_log2")),
              aot_configs(blocksparse_config_chain(name, torch_dtype, head_dim, masks.block),

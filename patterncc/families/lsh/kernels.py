@@ -47,6 +47,28 @@ def lsh_allowed(b_code_i, b_code_j, o_i, o_j, CAUSAL: tl.constexpr, SHARED_QK: t
 
 
 @triton.jit
+def lsh_program(n_ctx, num_heads, TILE: tl.constexpr, ROUNDS: tl.constexpr):
+    """A program's (tile, batch x head, batch, head, offset of its round's rows, offset of its head's rounds) on
+    the 1-D grid over (tiles of TILE sorted slots, batch x head x round)."""
+    pid = tl.program_id(0)
+    num_tiles = tl.cdiv(n_ctx, TILE)
+    bhr = pid // num_tiles
+    bh = bhr // ROUNDS
+    return pid % num_tiles, bh, bh // num_heads, bh % num_heads, bhr.to(tl.int64) * n_ctx, \
+        bh.to(tl.int64) * ROUNDS * n_ctx
+
+
+@triton.jit
+def lsh_slots(start, n_ctx, PERM, CODE, round_base, SIZE: tl.constexpr):
+    """The original positions held by sorted slots start .. start + SIZE - 1 of this round, which slots exist,
+    and the positions' window codes."""
+    o_slot = start + tl.arange(0, SIZE)
+    m_slot = o_slot < n_ctx
+    o_pos = tl.load(PERM + round_base + o_slot, mask=m_slot, other=0)
+    return o_pos, m_slot, tl.load(CODE + round_base + o_pos, mask=m_slot, other=0)
+
+
+@triton.jit
 def lsh_fwd_kernel(
         Q, K, V, O, LSE, PERM_Q, PERM_K, CODE_Q, CODE_K,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
@@ -56,21 +78,10 @@ def lsh_fwd_kernel(
     # One program per (tile of BLOCK_M sorted query slots, batch x head x round); a 1-D grid, since
     # batch x heads x rounds can pass CUDA's 65535 limit on the second axis. Writes this round's output and LSE
     # at the queries' original positions of O [B*H*R, n, HEAD_DIM] and LSE [B*H*R, n] (float32).
-    pid = tl.program_id(0)
-    num_tiles = tl.cdiv(n_ctx, BLOCK_M)
-    pid_m = pid % num_tiles
-    bhr = pid // num_tiles
-    bh = bhr // ROUNDS
-    b = bh // num_heads
-    h = bh % num_heads
-    round_base = bhr.to(tl.int64) * n_ctx
-    heads_base = bh.to(tl.int64) * ROUNDS * n_ctx
+    pid_m, bh, b, h, round_base, heads_base = lsh_program(n_ctx, num_heads, BLOCK_M, ROUNDS)
 
     m0 = pid_m * BLOCK_M
-    o_slot_m = m0 + tl.arange(0, BLOCK_M)
-    m_m = o_slot_m < n_ctx
-    o_i = tl.load(PERM_Q + round_base + o_slot_m, mask=m_m, other=0)
-    b_code_i = tl.load(CODE_Q + round_base + o_i, mask=m_m, other=0)
+    o_i, m_m, b_code_i = lsh_slots(m0, n_ctx, PERM_Q, CODE_Q, round_base, BLOCK_M)
     o_d = tl.arange(0, HEAD_DIM)
     p_q = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + o_i.to(tl.int64)[:, None] * stride_qn \
         + o_d[None, :]
@@ -123,22 +134,11 @@ def lsh_bwd_dkdv_kernel(
     # One program per (tile of BLOCK_N sorted key slots, batch x head x round): this round's share of dK and dV,
     # written at the keys' original positions of DK, DV [B*H*R, n, HEAD_DIM] (float32); the launcher sums the
     # rounds, so no atomics and a deterministic result. LSE and DELTA [B*H, n] are over all rounds.
-    pid = tl.program_id(0)
-    num_tiles = tl.cdiv(n_ctx, BLOCK_N)
-    pid_n = pid % num_tiles
-    bhr = pid // num_tiles
-    bh = bhr // ROUNDS
-    b = bh // num_heads
-    h = bh % num_heads
-    round_base = bhr.to(tl.int64) * n_ctx
-    heads_base = bh.to(tl.int64) * ROUNDS * n_ctx
+    pid_n, bh, b, h, round_base, heads_base = lsh_program(n_ctx, num_heads, BLOCK_N, ROUNDS)
     row_base = bh.to(tl.int64) * n_ctx
 
     n0 = pid_n * BLOCK_N
-    o_slot_n = n0 + tl.arange(0, BLOCK_N)
-    m_n = o_slot_n < n_ctx
-    o_j = tl.load(PERM_K + round_base + o_slot_n, mask=m_n, other=0)
-    b_code_j = tl.load(CODE_K + round_base + o_j, mask=m_n, other=0)
+    o_j, m_n, b_code_j = lsh_slots(n0, n_ctx, PERM_K, CODE_K, round_base, BLOCK_N)
     o_d = tl.arange(0, HEAD_DIM)
     b_k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
                   + o_j.to(tl.int64)[:, None] * stride_kn + o_d[None, :],
@@ -194,22 +194,11 @@ def lsh_bwd_dq_kernel(
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # As the forward kernel, for this round's share of dQ (DQ [B*H*R, n, HEAD_DIM], float32, summed by the
     # launcher).
-    pid = tl.program_id(0)
-    num_tiles = tl.cdiv(n_ctx, BLOCK_M)
-    pid_m = pid % num_tiles
-    bhr = pid // num_tiles
-    bh = bhr // ROUNDS
-    b = bh // num_heads
-    h = bh % num_heads
-    round_base = bhr.to(tl.int64) * n_ctx
-    heads_base = bh.to(tl.int64) * ROUNDS * n_ctx
+    pid_m, bh, b, h, round_base, heads_base = lsh_program(n_ctx, num_heads, BLOCK_M, ROUNDS)
     row_base = bh.to(tl.int64) * n_ctx
 
     m0 = pid_m * BLOCK_M
-    o_slot_m = m0 + tl.arange(0, BLOCK_M)
-    m_m = o_slot_m < n_ctx
-    o_i = tl.load(PERM_Q + round_base + o_slot_m, mask=m_m, other=0)
-    b_code_i = tl.load(CODE_Q + round_base + o_i, mask=m_m, other=0)
+    o_i, m_m, b_code_i = lsh_slots(m0, n_ctx, PERM_Q, CODE_Q, round_base, BLOCK_M)
     o_d = tl.arange(0, HEAD_DIM)
     b_q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                   + o_i.to(tl.int64)[:, None] * stride_qn + o_d[None, :],

@@ -135,8 +135,9 @@ AOT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float
 
 def aot_signature(kernel, dtype, pointers=None, floats=()):
     """A kernel's signature for triton.compile, read off its parameters by the kernels' naming convention:
-    upper-case names are pointers to `dtype` ("fp16", ...) unless `pointers` gives another type, lower-case
-    names are int32 unless listed in `floats` (fp32), constexprs are "constexpr"."""
+    upper-case names are pointers to `dtype` ("fp16", ...) unless `pointers` gives another type (another
+    pointer, or a scalar such as NUM_BLOCKS: "i32"), lower-case names are int32 unless listed in `floats` (fp32),
+    constexprs are "constexpr"."""
     pointers = pointers or {}
     signature = {}
     # The Python function's own parameters: the same under the compiler (JITFunction.fn) and the interpreter.
