@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..shared.heads import assemble_heads, heads_of, per_q_head
+from ..shared.heads import assemble_heads, empty_batch_output, heads_of, per_q_head
 from ..shared.launch import (
     AOT_DTYPES,
     CONFIG_OVERRIDE,
@@ -308,6 +308,8 @@ def linear_attention(q, k, v, feature_map, eps, causal, projection=None, backend
         out = linear_attention(q, k, v, "favor", 1e-6, causal=True, projection=w)
     """
     _linear_check(q, k, v, feature_map, eps, causal, projection, backend)
+    if q.shape[0] == 0:
+        return empty_batch_output(q, k, v)
     if uses_triton(q, backend):
         q, k, v = (x.contiguous() for x in (q, k, v))
         if feature_map == "favor":

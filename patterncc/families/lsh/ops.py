@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..shared.heads import heads_of, per_q_head
+from ..shared.heads import empty_batch_output, heads_of, per_q_head
 from ..shared.launch import (
     AOT_DTYPES,
     TRITON_HEAD_DIMS,
@@ -224,6 +224,8 @@ def _lsh_check(q, k, v, rotations, chunk, shared_qk, backend):
         if x.shape != q.shape:
             raise ValueError(f"q, k and v must have one shape (expand grouped-query heads first), got q "
                              f"{tuple(q.shape)} and {name} {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"{name} must be floating point (float16, bfloat16, float32 or float64), got {x.dtype}")
         if x.dtype != q.dtype or x.device != q.device:
             raise ValueError(f"q and {name} must have one dtype and device, got {q.dtype} on {q.device} and "
                              f"{x.dtype} on {x.device}")
@@ -257,6 +259,8 @@ def lsh_attention(q, k, v, rotations, chunk, causal, shared_qk, scale=None, back
         out = lsh_attention(q, None, v, rotations, chunk=64, causal=True, shared_qk=True)
     """
     _lsh_check(q, k, v, rotations, chunk, shared_qk, backend)
+    if q.shape[0] == 0:
+        return empty_batch_output(q, q if shared_qk else k, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     with torch.no_grad():

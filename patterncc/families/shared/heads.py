@@ -59,6 +59,8 @@ def check_attention_inputs(q, k, v, num_heads, backend, head_dims):
         raise ValueError(f"q and k must have the same head_dim, got {q.shape[3]} and {k.shape[3]}")
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must be floating point (float16, bfloat16, float32 or float64), got {q.dtype}")
     if q.device != k.device or q.device != v.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.shape[1] % num_heads:
@@ -80,3 +82,9 @@ def check_buffers(buffers, names, head_dim):
         if buffers[name].shape[2] != head_dim:
             raise ValueError(f"buffer {name!r} was drawn for head_dim {buffers[name].shape[2]}, but q has head_dim "
                              f"{head_dim}")
+
+
+def empty_batch_output(q, k, v):
+    """The output of a call with batch 0: empty, and connected to q, k and v so that backward() runs and gives
+    them (empty) gradients, as attention of a non-empty batch does."""
+    return torch.zeros_like(q) + (q.sum() + k.sum() + v.sum()) * 0
