@@ -189,7 +189,9 @@ def plan(pattern: ir.Pattern, layer: int = 0, n: int | None = None, params: dict
 
     int64 = any(needs_int64(m.predicate, ranges) for m in masks)
     return KernelPlan(
-        pattern=pattern, params=dict(params or {}), layer=layer, class_name=_class_name(pattern.name),
+        # Overrides reach the header as re-printed plain ints: an int subclass's own __str__ never does.
+        pattern=pattern, params={str(k): int(v) for k, v in (params or {}).items()}, layer=layer,
+        class_name=_class_name(pattern.name),
         prefix=pattern.name.lower(), num_heads=len(head_sets), head_families=head_families, set_heads=set_heads,
         head_masks=tuple(head_masks), masks=tuple(masks), runtime_params=tuple(runtime),
         runtime_ranges=tuple(ranges.items()), block=bound.block, causal=pattern.causal, int64=int64,

@@ -2,7 +2,7 @@
 
 User names reach a generated module only as its one class, `<CamelCase>Attention`, and as buffer names that carry
 the call's index; every other top-level name is the library's or the template's. This file names a pattern, a
-parameter and a head after every top-level name any example's module defines, and after every family prefix,
+parameter or a let, and a head after every top-level name any example's module defines, and after every family prefix,
 each pattern mixing all three head families: each compiles (the verifier rejects duplicate or undefined names),
 imports, and matches its float64 reference on the CPU path; the names that collided before this scheme (family
 prefixes, module constants) also run under the Triton interpreter.
@@ -26,12 +26,19 @@ FAMILY_PREFIXES = ["blocksparse", "lsh", "linear", "pattern", "tiles", "set", "h
 # Names that broke generated modules before one naming scheme (see the project's issues 10 and 12).
 ONCE_BROKEN = ["linear", "lsh", "Layout", "CAUSAL", "BLOCK", "BUFFERS", "PERMUTED", "mask", "m", "attention",
                "pattern_allowed", "tl", "triton", "torch", "math", "LshCall", "default_buffers"]
-TEXT = """pattern {name}({name} = 3) {{
+# The name as the pattern's, a parameter's and a head's; or as the pattern's, a let's and a head's.
+TEXTS = ("""pattern {name}({name} = 3) {{
     causal
     head {name} = local({name}) | global(1)
     head other_hashed = hashed(buckets = 4, chunk = 8)
     head other_kernel = kernel(elu1)
-}}"""
+}}""", """pattern {name}() {{
+    causal
+    let {name} = 3
+    head {name} = local({name}) | global(1)
+    head other_hashed = hashed(buckets = 4, chunk = 8)
+    head other_kernel = kernel(elu1)
+}}""")
 
 
 @cache
@@ -54,8 +61,8 @@ def generated_names() -> list[str]:
     return sorted(name for name in names if not name.startswith("_"))
 
 
-def _module(name, tmp_path):
-    pattern = patterncc.parse(TEXT.format(name=name))
+def _module(name, tmp_path, text=TEXTS[0]):
+    pattern = patterncc.parse(text.format(name=name))
     module = build(pattern, tmp_path)
     camel = name[:1].upper() + name[1:]
     assert module.__all__[0].endswith("Attention") and module.__all__[0].startswith(camel.split("_")[0]), module.__all__
@@ -67,8 +74,11 @@ def _module(name, tmp_path):
 def test_every_generated_name_compiles_and_matches_on_the_cpu_path(tmp_path):
     names = sorted(set(generated_names()) | set(FAMILY_PREFIXES) | set(ONCE_BROKEN))
     assert len(names) > 60, f"too few names collected: {names}"
-    for name in names:
-        pattern, module = _module(name, tmp_path)
+    # Every name in one of the two roles (alternating, to bound the time), the once-broken ones in both.
+    cases = [(name, TEXTS[index % 2]) for index, name in enumerate(names)]
+    cases += [(name, TEXTS[1 - names.index(name) % 2]) for name in ONCE_BROKEN]
+    for name, text in cases:
+        pattern, module = _module(name, tmp_path, text)
         tested, golden = family_results(module, pattern, 20, 16, torch.float64, "torch")
         for tensor in ("out", "dq", "dk", "dv"):
             assert_rms_close(f"{name}: {tensor}", tested[tensor], golden[tensor], 1e-9)

@@ -106,3 +106,17 @@ def test_an_unusable_cache_folder_falls_back_with_a_warning(tmp_path, monkeypatc
         warnings.simplefilter("error")  # a usable folder gives no warning
         monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path / "ok"))
         patterncc.load("pattern fallback() { head a = local(2) }")
+
+
+def test_int_subclass_overrides_are_reprinted_as_plain_integers():
+    """An override whose type prints itself differently never reaches generated code as its own text."""
+
+    class Sneaky(int):
+        def __str__(self):
+            return "8\nimport os; os.system('echo pwned')"
+
+        __repr__ = __str__
+
+    pattern = patterncc.parse("examples/strided.attn", l=Sneaky(8))
+    source = patterncc.compile_pattern(pattern, params={"l": Sneaky(8)}).source
+    assert "pwned" not in source and "l=8" in source
