@@ -29,3 +29,13 @@ def forward_backward(attn, q, k, v, grad=None):
         out.backward(grad if grad is not None else torch.ones_like(out))
 
     return run
+
+
+def chosen_configs(launcher) -> dict[str, list[int]]:
+    """The tile configs (BLOCK_M, BLOCK_N, num_warps, num_stages) a launcher picked on CUDA, by kernel and shape:
+    `launcher` is a generated module or patterncc.families.shared.launch (their _SPILL_FREE and _CHOSEN tables)."""
+    configs = {}
+    for kind, name in (("spill-free", "_SPILL_FREE"), ("chosen", "_CHOSEN")):
+        for key, config in getattr(launcher, name, {}).items():
+            configs[f"{kind} " + " ".join(str(part).removeprefix("torch.") for part in key)] = list(config)
+    return configs

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import EXAMPLES, PATTERNS, forward_backward  # noqa: E402 (bench/ is on sys.path)
+from common import EXAMPLES, PATTERNS, chosen_configs, forward_backward  # noqa: E402 (bench/ is on sys.path)
 
 from patterncc.cache import load_module  # noqa: E402
 
@@ -91,6 +91,7 @@ def main() -> None:
         causal_pairs = args.batch * heads * n * (n + 1) // 2
         row["sdpa_causal_fwd_tflops"] = 4 * causal_pairs * dim / row["sdpa_causal_fwd_ms"] / 1e9
         row["sdpa_causal_fwd_bwd_tflops"] = 2.5 * 4 * causal_pairs * dim / row["sdpa_causal_fwd_bwd_ms"] / 1e9
+        row["configs"] = chosen_configs(module)
         rows.append(row)
         print(json.dumps(row), flush=True)
     meta = {"device": torch.cuda.get_device_name(), "capability": torch.cuda.get_device_capability(),

@@ -103,7 +103,14 @@ def measure(name, n, heads, dim, dtype, device, backward, repeats):
 def child(args) -> None:
     seconds, peak = measure(args.child, args.n[0], args.heads, args.dim, args.dtype, args.device, args.backward,
                             args.repeats)
-    print(json.dumps({"seconds": seconds, "peak_bytes": peak}))
+    result = {"seconds": seconds, "peak_bytes": peak}
+    if args.child == "linear" and args.device == "cuda":
+        from common import chosen_configs
+
+        from patterncc.families.shared import launch
+
+        result["configs"] = chosen_configs(launch)
+    print(json.dumps(result))
 
 
 def run_child(args, name, n, backward):

@@ -128,6 +128,12 @@ def worker(args):
         result[f"{mode}_peak_mb"] = round(_peak_above(args.device, base) / 2**20, 1)
         result[f"{mode}_s"] = _time(fn, args.device, args.repeats)
     result["torch"] = torch.__version__
+    if args.impl == "patterncc" and args.device == "cuda":
+        from common import chosen_configs
+
+        from patterncc.families.shared import launch
+
+        result["configs"] = chosen_configs(launch)
     if args.impl == "peer":
         from importlib.metadata import version
 
@@ -153,7 +159,7 @@ def run_one(args, impl, n):
 
 
 def _cell(row, key, digits=3):
-    return "-" if row is None or key not in row else f"{row[key]:.{digits}f}" if digits else f"{row[key]:.0f}"
+    return "-" if not row or key not in row else f"{row[key]:.{digits}f}" if digits else f"{row[key]:.0f}"
 
 
 def _ratio(ours, peer, key):

@@ -48,8 +48,16 @@ def positive_int(text: str) -> int:
     return value
 
 
-def _add_pattern_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="a .attn file")
+# AOT targets: those the kernels' config chains are tested for (tests compile every example for both with the
+# ptxas of the Triton wheel). Others (sm_75 has no bf16 and no cp.async) would try configs for many minutes.
+TARGETS = ("sm_80", "sm_90")
+MAX_COMPILE_N = 65536  # `compile --n`: the report's tile counts are computed for every tile pair
+
+
+def _add_pattern_args(p: argparse.ArgumentParser, several: bool = False) -> None:
+    p.add_argument("file", nargs="*" if several else "?",
+                   help=f"{'.attn files' if several else 'a .attn file'} (`-` reads standard input)")
+    p.add_argument("--text", metavar="TEXT", help="the pattern text itself, instead of a file")
     p.add_argument("-D", dest="defines", action="append", metavar="NAME=VALUE",
                    help="override a parameter's default (repeatable)")
     p.add_argument("--pattern", help="which pattern, when the file defines several (default: all for check)")
@@ -61,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     check = sub.add_parser("check", help="check a pattern and print its analysis")
-    _add_pattern_args(check)
+    _add_pattern_args(check, several=True)
     check.add_argument("--n", type=positive_int, required=True, help="sequence length")
     check.add_argument("--json", action="store_true", help="print the analysis as JSON")
     check.add_argument("--max-steps", type=positive_int, default=8,
@@ -98,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.simplefilter("always", PatternWarning)
             warnings.showwarning = _show_warning
             args.params = parse_defines(args.defines)
+            args.sources = _sources(args)
             if args.command == "check":
                 return run_check(args)
             if args.command == "show":
@@ -111,16 +120,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _sources(args) -> list:
+    """The pattern texts a command reads: FILE arguments are paths (`-` is standard input), never pattern text,
+    which comes only through --text."""
+    from .parse import Source, read_file
+
+    files = args.file if isinstance(args.file, list) else [args.file] if args.file is not None else []
+    if args.text is not None and files:
+        raise PatternUsageError("give either FILE or --text, not both")
+    if args.text is not None:
+        return [Source(args.text, "<text>")]
+    if not files:
+        raise PatternUsageError(f"`{args.command}` needs a .attn file", hint="or `-` for standard input, or "
+                                                                             "--text 'pattern p() { ... }'")
+    if files.count("-") > 1:
+        raise PatternUsageError("standard input (`-`) can be read only once")
+    return [Source(*read_file(f)) for f in files]
+
+
 def run_check(args) -> int:
-    """`check`: analyze every pattern of the file (or --pattern) and print the facts, or JSON with --json
+    """`check`: analyze every pattern of the files (or --pattern) and print the facts, or JSON with --json
     (schema: docs/check-json.md)."""
     from rich.console import Console
 
-    from .analysis.analyze import analyze
+    from .analysis.analyze import MAX_N, analyze
     from .analysis.report import JSON_SCHEMA_VERSION, print_analysis, select_patterns
 
-    patterns = select_patterns(args.file, args.pattern, args.params or {})
-    analyses = [analyze(p, args.n, layer=args.layer, max_steps=args.max_steps) for p in patterns]
+    if args.n > MAX_N:  # before reading anything: the same limit `analyze` applies
+        raise PatternUsageError(f"check takes --n up to {MAX_N}, got {args.n}")
+    patterns = [p for source in args.sources for p in select_patterns(source, args.pattern, args.params or {})]
+    with _progress() as progress:
+        analyses = [analyze(p, args.n, layer=args.layer, max_steps=args.max_steps, progress=progress)
+                    for p in patterns]
     if args.json:
         document = {"schema_version": JSON_SCHEMA_VERSION, "patterns": [a.to_json() for a in analyses]}
         print(json.dumps(document, indent=2))
@@ -138,10 +169,25 @@ def run_show(args) -> int:
     from .api import parse
     from .show import render
 
-    pattern = parse(Path(args.file), pattern=args.pattern, **args.params)
+    pattern = parse(args.sources[0], pattern=args.pattern, **args.params)
     path = render(pattern, args.n, args.output, grid=args.grid, query=args.query, layer=args.layer)
     print(f"wrote {path}")
     return 0
+
+
+def check_file_names(patterns, names, layer: int) -> None:
+    """Two patterns whose modules would be written to one file (names compared without case, as on macOS and
+    Windows file systems: `foo`, `Foo` and `FOO` all give foo.py) are an error, not a silent overwrite."""
+    from .driver import module_name
+
+    seen: dict[str, str] = {}
+    for name in names:
+        stem = module_name(name, layer, patterns[name].combine).casefold()
+        if stem in seen:
+            raise PatternUsageError(f"patterns `{seen[stem]}` and `{name}` would both be written to {stem}.py "
+                                    f"(file names are compared without case); rename one, or compile one at a "
+                                    f"time with --pattern NAME")
+        seen[stem] = name
 
 
 def run_compile(args) -> int:
@@ -155,12 +201,20 @@ def run_compile(args) -> int:
     from .report import compile_report
 
     console = Console()
-    patterns = parse_all(args.file)
+    if args.target is not None:
+        args.target = _check_target(args.target)
+    if args.n is not None and args.n > MAX_COMPILE_N:
+        raise PatternUsageError(f"compile takes --n up to {MAX_COMPILE_N}, got {args.n}",
+                                hint="the module itself runs any n; --n only sets the report's tile counts")
+    source = args.sources[0]
+    patterns = parse_all(source)
     names = [args.pattern] if args.pattern else list(patterns)
     if args.pattern and args.pattern not in patterns:
         raise PatternUsageError(f"no pattern named `{args.pattern}`; this file defines {', '.join(patterns)}")
+    if args.output:
+        check_file_names(patterns, names, args.layer)
     for name in names:
-        pattern = parse(args.file, pattern=name, **args.params)
+        pattern = parse(source, pattern=name, **args.params)
         compiled = compile_pattern(pattern, layer=args.layer, n=args.n, params=args.params, dump=args.dump_passes)
         if args.emit:
             print(compiled.source)
@@ -190,7 +244,12 @@ def _compile_ahead_of_time(console, name: str, compiled, target: str, asm: bool)
     module_path = Path(tempfile.mkdtemp(prefix="patterncc-aot-")) / f"{compiled.module_name}.py"
     module_path.write_text(compiled.source)
     module = import_file(module_path, f"patterncc_aot_{compiled.module_name}_{compiled.key}")
-    with console.status(f"compiling {name} for sm_{capability}..."):
+    # A status line on a terminal; elsewhere (logs, CI) one line up front, since this takes minutes.
+    if not console.is_terminal:
+        print(f"{name}: compiling every kernel for sm_{capability} (fp16/bf16/fp32, head_dim 16-128); this takes "
+              f"a few minutes", file=sys.stderr, flush=True)
+    with console.status(f"compiling {name} for sm_{capability} (fp16/bf16/fp32, head_dim 16-128; a few "
+                        f"minutes)..."):
         reports = aot_compile(module, capability)
     if asm:
         table = Table(title=f"{name}: sm_{capability} (ptxas -v)")
@@ -207,6 +266,38 @@ def _compile_ahead_of_time(console, name: str, compiled, target: str, asm: bool)
     spilled = [r for r in reports if r.spill_stores or r.spill_loads]
     console.print(f"{name}: {len(reports)} kernels compiled for sm_{capability}, {len(spilled)} with spills",
                   highlight=False)
+
+
+def _check_target(target: str) -> str:
+    """`sm_90` (also `sm90`, `90`) for a target patterncc supports; a usage error naming them otherwise."""
+    text = target.strip().lower().removeprefix("sm").removeprefix("_")
+    normal = f"sm_{text}"
+    if normal not in TARGETS:
+        raise PatternUsageError(f"unsupported target {target!r}; expected one of {', '.join(TARGETS)}",
+                                hint="the kernels' configs are tested for these GPUs only")
+    return normal
+
+
+class _progress:
+    """A transient rich progress bar on stderr (shown on a terminal only) for analyses of many heads; entering
+    it gives the callback `analyze` takes."""
+
+    def __enter__(self):
+        from rich.console import Console
+        from rich.progress import Progress
+
+        self.bar = Progress(console=Console(stderr=True), transient=True)
+        self.task = None
+        self.bar.start()
+        return self.update
+
+    def update(self, what: str, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task(what, total=total)
+        self.bar.update(self.task, description=what, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

@@ -41,9 +41,12 @@ class PatternError(Exception):
             where += f":{self.span.line}:{self.span.column}"
         lines = [f"{where}: {self.kind}: {self.message}"]
         if self.span is not None and self.source is not None:
-            src_lines = self.source.splitlines()
+            # Lines as the parser counts them (only `\n` breaks one; `splitlines` also breaks at form feeds and
+            # more), each control character shown as one space so that the caret stays under its column.
+            src_lines = self.source.split("\n")
             if 1 <= self.span.line <= len(src_lines):
-                text = src_lines[self.span.line - 1].expandtabs(1)
+                text = "".join(" " if ord(c) < 32 or 0x7f <= ord(c) < 0xa0 or c in "\u2028\u2029" else c
+                               for c in src_lines[self.span.line - 1])
                 width = 1
                 if self.span.end_column is not None and self.span.end_column > self.span.column:
                     width = self.span.end_column - self.span.column

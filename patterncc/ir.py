@@ -53,10 +53,19 @@ class Expr:
         return ()
 
     def free_vars(self) -> frozenset[str]:
+        # Lets share their value's object wherever they are used, so an expression can be a DAG far smaller than
+        # its tree: visit each object once.
         out: set[str] = set()
-        for node in self.walk():
+        seen: set[int] = set()
+        stack: list[Expr] = [self]
+        while stack:
+            node = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
             if isinstance(node, Var):
                 out.add(node.name)
+            stack.extend(node.children())
         return frozenset(out)
 
     def walk(self) -> Iterator[Expr]:
@@ -183,22 +192,30 @@ def fold_expr(expr: Expr, *, const: Callable[[Const], T], var: Callable[[Var], T
     binop=lambda _, a, b: a | b, neg=lambda _, a: a, not_=lambda _, a: a, call=lambda _, args: set().union(*args))`.
     """
 
+    done: dict[int, T] = {}  # by object: a let's value is one object wherever the let is used
+
     def go(e: Expr) -> T:
+        key = id(e)
+        if key in done:
+            return done[key]
         if isinstance(e, BinOp):
-            return binop(e, go(e.left), go(e.right))
-        if isinstance(e, Const):
-            return const(e)
-        if isinstance(e, Var):
-            return var(e)
-        if isinstance(e, Neg):
-            return neg(e, go(e.operand))
-        if isinstance(e, Not):
-            return not_(e, go(e.operand))
-        if isinstance(e, Call):
-            return call(e, [go(a) for a in e.args])
-        if other is None:
+            out = binop(e, go(e.left), go(e.right))
+        elif isinstance(e, Const):
+            out = const(e)
+        elif isinstance(e, Var):
+            out = var(e)
+        elif isinstance(e, Neg):
+            out = neg(e, go(e.operand))
+        elif isinstance(e, Not):
+            out = not_(e, go(e.operand))
+        elif isinstance(e, Call):
+            out = call(e, [go(a) for a in e.args])
+        elif other is None:
             raise TypeError(f"no case for {type(e).__name__} in this fold over expressions")
-        return other(e)
+        else:
+            out = other(e)
+        done[key] = out
+        return out
 
     return go(expr)
 
@@ -209,16 +226,25 @@ def map_expr(expr: Expr, fn: Callable[[Expr], Expr]) -> Expr:
     Works on any dataclass node (fields holding an Expr or a tuple of them are children). Example, renaming:
     `map_expr(e, lambda x: Var("k") if x == Var("j") else x)`.
     """
-    if expr.children():
-        changes = {}
-        for f in fields(expr):
-            value = getattr(expr, f.name)
-            if isinstance(value, Expr):
-                changes[f.name] = map_expr(value, fn)
-            elif isinstance(value, tuple):
-                changes[f.name] = tuple(map_expr(v, fn) for v in value)
-        expr = replace(expr, **changes)
-    return fn(expr)
+    done: dict[int, Expr] = {}  # by object, so that shared subexpressions stay shared and cost once
+
+    def go(e: Expr) -> Expr:
+        key = id(e)
+        if key not in done:
+            node = e
+            if e.children():
+                changes = {}
+                for f in fields(e):
+                    value = getattr(e, f.name)
+                    if isinstance(value, Expr):
+                        changes[f.name] = go(value)
+                    elif isinstance(value, tuple):
+                        changes[f.name] = tuple(go(v) for v in value)
+                node = replace(e, **changes)
+            done[key] = fn(node)
+        return done[key]
+
+    return go(expr)
 
 
 def fold_bool(expr: Expr, *, atom: Callable[[Expr], T], and_: Callable[[T, T], T], or_: Callable[[T, T], T],
@@ -227,12 +253,18 @@ def fold_bool(expr: Expr, *, atom: Callable[[Expr], T], and_: Callable[[T, T], T
     given whole to `atom`. Example, its atoms: `fold_bool(p, atom=lambda a: [a], and_=operator.add,
     or_=operator.add, not_=lambda x: x)`."""
 
+    done: dict[int, T] = {}
+
     def go(e: Expr) -> T:
-        if isinstance(e, BinOp) and e.op in BOOL_OPS:
-            return (and_ if e.op == "and" else or_)(go(e.left), go(e.right))
-        if isinstance(e, Not):
-            return not_(go(e.operand))
-        return atom(e)
+        key = id(e)
+        if key not in done:
+            if isinstance(e, BinOp) and e.op in BOOL_OPS:
+                done[key] = (and_ if e.op == "and" else or_)(go(e.left), go(e.right))
+            elif isinstance(e, Not):
+                done[key] = not_(go(e.operand))
+            else:
+                done[key] = atom(e)
+        return done[key]
 
     return go(expr)
 
@@ -264,14 +296,43 @@ def _int_call(e: Call, args: list) -> int:
 
 def _int_binop(e: BinOp, a, b):
     if e.op in ("//", "%") and b == 0:
-        raise ZeroDivisionError(f"division by zero in {e}")
-    return _INT_OPS[e.op](a, b)
+        raise ZeroDivisionError(f"division by zero in {_short(e)}")
+    return bounded(_INT_OPS[e.op](a, b), e)
+
+
+# Kernels compute in int64; bounding every intermediate value also keeps exact evaluation cheap (squaring a let
+# 35 times would otherwise build a number of billions of digits).
+INT_LIMIT = 2**62
+
+
+def bounded(value, expr: Expr):
+    """`value` (the value of `expr`), or OverflowError when it is an integer outside (-INT_LIMIT, INT_LIMIT)."""
+    if not isinstance(value, bool) and isinstance(value, int) and not -INT_LIMIT < value < INT_LIMIT:
+        raise OverflowError(f"`{_short(expr)}` is about {'-' if value < 0 else ''}2**{value.bit_length() - 1}, "
+                            f"outside the range patterncc computes in (|value| < 2**62)")
+    return value
+
+
+def _short(expr: Expr, limit: int = 60) -> str:
+    text = str(expr) if _tree_size(expr, limit) <= limit else f"{type(expr).__name__.lower()} expression"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _tree_size(expr: Expr, limit: int) -> int:
+    """Nodes of `expr` as a tree, counting no further than just past `limit`."""
+    count, stack = 0, [expr]
+    while stack and count <= limit:
+        node = stack.pop()
+        count += 1
+        stack.extend(node.children())
+    return count
 
 
 def evaluate_int(expr: Expr, env: Mapping[str, int]) -> int | bool:
     """Exact Python-integer evaluation of a closed expression (parameters, lets, block sizes)."""
     return fold_expr(expr, const=lambda c: c.value, var=lambda v: env[v.name], binop=_int_binop,
-                     neg=lambda _, a: -a, not_=lambda _, a: not a, call=_int_call)
+                     neg=lambda e, a: bounded(-a, e), not_=lambda _, a: not a,
+                     call=lambda e, args: bounded(_int_call(e, args), e))
 
 
 # Sets of (i, j) pairs ------------------------------------------------------------------------------------------
@@ -547,6 +608,8 @@ class Pattern:
     filename: str = field(default="<pattern>", compare=False, repr=False)
     # Value checks (expr, rule, source span, description) made once values are known; see semantics.py.
     checks: tuple = field(default=(), compare=False, repr=False)
+    # (name, span of its value) for parameter defaults and lets, to locate errors found when they are evaluated.
+    spans: tuple = field(default=(), compare=False, repr=False)
 
     def depends_on_n(self) -> frozenset[str]:
         """Names of the parameters and lets whose value changes with n."""

@@ -20,17 +20,17 @@ Value = torch.Tensor | int | bool
 _INT64 = 2**63
 
 
-def _fits(value: Value, what: str) -> Value:
+def _fits(value: Value, name: str) -> Value:
     """Python integers enter int64 tensor arithmetic here; one that does not fit is the user's error."""
     if isinstance(value, int) and not -_INT64 <= value < _INT64:
-        raise PatternUsageError(f"{what} does not fit in a 64-bit integer")
+        raise PatternUsageError(f"{name} = {value} does not fit in a 64-bit integer")
     return value
 
 
 def eval_expr(expr: ir.Expr, env: Mapping[str, Value]) -> Value:
     """Evaluate an expression where i, j (and anything else) may be broadcastable int64 tensors."""
-    return ir.fold_expr(expr, const=lambda c: _fits(c.value, f"the integer {c.value}"),
-                        var=lambda v: _fits(env[v.name], f"`{v.name}` = {env[v.name]}"), neg=lambda _, a: -a,
+    return ir.fold_expr(expr, const=lambda c: _fits(c.value, "an integer"),
+                        var=lambda v: _fits(env[v.name], f"`{v.name}`"), neg=lambda _, a: -a,
                         not_=lambda _, a: ~a if isinstance(a, torch.Tensor) else not a, call=_call, binop=_binop)
 
 

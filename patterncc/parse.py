@@ -6,6 +6,8 @@ common mistakes with an explanation of what to write instead.
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -13,8 +15,12 @@ import lark
 from lark import Token, Transformer, v_args
 
 from . import ast
-from .errors import PatternSyntaxError, PatternUsageError, Span
+from .errors import PatternError, PatternSyntaxError, PatternUsageError, Span
 from .resources import resource_dir
+
+MAX_SOURCE_BYTES = 1 << 20  # a .attn file is a few hundred bytes; this bounds what a pipe or /dev/zero can feed
+MAX_NESTING = 120  # levels of the syntax tree (expressions nest at most semantics.MAX_EXPR_DEPTH deep)
+MAX_LITERAL = 2**62  # as ir.INT_LIMIT: the range patterncc computes in
 
 
 @cache
@@ -123,7 +129,12 @@ class _ToAst(Transformer):
         return ast.Unary(_span(meta), "-", children[0])
 
     def number(self, meta, children):
-        return ast.Number(_span(children[0]), int(children[0]))
+        token = children[0]
+        value = int(token) if len(token) <= 20 else MAX_LITERAL  # int() refuses 4300 digits: never call it so
+        if value >= MAX_LITERAL:
+            raise PatternSyntaxError("this integer is too large: literals must be below 2**62",
+                                     _span(token), self.source, self.filename)
+        return ast.Number(_span(token), value)
 
     def decimal(self, meta, children):
         return ast.Decimal(_span(children[0]), str(children[0]))
@@ -237,14 +248,46 @@ def _describe_expected(expected: set[str]) -> str:
     return ", ".join(names)
 
 
+def normalize_newlines(source: str) -> str:
+    """Line breaks as the parser counts them: `\r\n` and a lone `\r` become `\n` (other characters that
+    `str.splitlines` breaks at, such as form feeds, are whitespace within a line, as for the parser)."""
+    return source.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def parse_source(source: str, filename: str = "<pattern>") -> ast.Module:
     """Parse .attn text into a syntax tree; raise PatternSyntaxError on any malformed input."""
+    source = normalize_newlines(source)
+    if len(source) > MAX_SOURCE_BYTES:
+        raise PatternUsageError(f"the pattern text is {len(source)} characters long; at most {MAX_SOURCE_BYTES}",
+                                filename=filename)
     parser = _parser()
     try:
         tree = parser.parse(source)
     except lark.UnexpectedInput as err:
         raise _syntax_error(err, source, filename) from None
-    return _ToAst(source, filename).transform(tree)
+    except RecursionError:  # Lark's own recursion: an input nested far beyond MAX_NESTING
+        raise PatternSyntaxError(f"the text nests too deeply (at most {MAX_NESTING} levels)", None, source,
+                                 filename) from None
+    _check_nesting(tree, source, filename)
+    try:
+        return _ToAst(source, filename).transform(tree)
+    except lark.exceptions.VisitError as err:
+        if isinstance(err.orig_exc, PatternError):
+            raise err.orig_exc from None
+        raise
+
+
+def _check_nesting(tree: lark.Tree, source: str, filename: str) -> None:
+    """A located error for a syntax tree deeper than MAX_NESTING (500 chained `not`s), before any recursive pass
+    over it."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise PatternSyntaxError(f"this expression nests more than {MAX_NESTING} levels deep",
+                                     _span(node.meta), source, filename,
+                                     hint="split it into lets, or write a long sum as a product")
+        stack.extend((child, depth + 1) for child in node.children if isinstance(child, lark.Tree))
 
 
 def _syntax_error(err: lark.UnexpectedInput, source: str, filename: str) -> PatternSyntaxError:
@@ -273,32 +316,59 @@ def _syntax_error(err: lark.UnexpectedInput, source: str, filename: str) -> Patt
     return PatternSyntaxError(message, Span(line, column), source, filename, hint=hint)
 
 
-def read_source(text_or_path: str | Path) -> tuple[str, str]:
-    """(source, filename) for either a path to a .attn file or the pattern text itself."""
+@dataclass(frozen=True)
+class Source:
+    """Pattern text already read, with the name errors give it (the CLI's `--text`, `-` for stdin)."""
+
+    text: str
+    filename: str = "<pattern>"
+
+
+def read_source(text_or_path: str | Path | Source) -> tuple[str, str]:
+    """(source, filename) for a path to a .attn file (a `Path`, or a string that looks like one), pattern text
+    (a string with `{` or a line break), or a `Source`."""
+    if isinstance(text_or_path, Source):
+        return normalize_newlines(text_or_path.text), text_or_path.filename
     if isinstance(text_or_path, Path):
-        return _read(text_or_path)
+        return read_file(text_or_path)
     text = str(text_or_path)
     if _names_a_file(text):
-        return _read(Path(text))
-    return text, "<pattern>"
+        return read_file(Path(text))
+    return normalize_newlines(text), "<pattern>"
 
 
 def _names_a_file(text: str) -> bool:
-    if "{" in text or "\n" in text:
+    if "{" in text or "\n" in text or "\r" in text:
         return False
-    if text.endswith(".attn"):
-        return True
+    if text.endswith(".attn") or "/" in text or "\\" in text:
+        return True  # read as a path, so that a mistyped one is "file not found", not a syntax error
     try:
         return Path(text).is_file()
     except (OSError, ValueError):  # too long for a file name, or a NUL byte: pattern text, not a path
         return False
 
 
-def _read(path: Path) -> tuple[str, str]:
+def read_file(path: Path | str) -> tuple[str, str]:
+    """(text, name) of a .attn file, `-` for stdin: at most MAX_SOURCE_BYTES of UTF-8, read as bytes (so pipes,
+    /dev/stdin and /dev/zero end), every line break normalized."""
+    name = "<stdin>" if str(path) == "-" else str(path)
     try:
-        return path.read_text(encoding="utf-8"), str(path)
+        if str(path) == "-":
+            data = sys.stdin.buffer.read(MAX_SOURCE_BYTES + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(MAX_SOURCE_BYTES + 1)
     except FileNotFoundError:
-        raise PatternUsageError("no such pattern file", filename=str(path)) from None
-    except (OSError, UnicodeDecodeError) as err:  # a folder, no permission, not UTF-8 text
-        raise PatternUsageError(f"cannot read this file: {getattr(err, 'strerror', None) or err}",
-                                filename=str(path)) from None
+        raise PatternUsageError("file not found", filename=name) from None
+    except OSError as err:  # a folder, no permission
+        raise PatternUsageError(f"cannot read this file: {err.strerror or err}", filename=name) from None
+    if len(data) > MAX_SOURCE_BYTES:
+        raise PatternUsageError(f"{name} is larger than {MAX_SOURCE_BYTES} bytes, the limit for a pattern file",
+                                filename=name)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise PatternUsageError(f"{name} is not UTF-8 text: byte {data[err.start]:#04x} at offset {err.start} "
+                                f"(line {line})", filename=name) from None
+    return normalize_newlines(text.removeprefix("\ufeff")), name

@@ -19,7 +19,12 @@ from . import ast, ir
 from .errors import PatternSemanticError, PatternUsageError, Span
 
 DEFAULT_BLOCK = 64
-MAX_HEADS = 4096  # per head group: far beyond any model, and small enough to expand into per-head tables
+MAX_HEADS = 4096  # per head group and in all: far beyond any model, and small enough to expand into per-head tables
+# Lets over i, j or h and conditions are inlined where they are used: these bound an expression once inlined, so
+# that a chain of lets that each use the previous one twice is an error, not 2**k nodes for every later pass.
+MAX_EXPR_NODES = 10_000
+MAX_EXPR_DEPTH = 100
+MAX_PATTERN_NODES = 200_000  # all heads' expressions of one pattern, inlined
 RESERVED = frozenset(ir.BUILTIN_VARS) | frozenset(ir.FUNCTIONS) | {"true", "false"}
 
 # name -> (positional parameter names, keyword parameters with defaults)
@@ -59,6 +64,10 @@ class _Checker:
         self.source = module.source
         self.filename = module.filename
         self.value_checks: list[tuple[ir.Expr, str, Span, str]] = []
+        # id(expr) -> (expr, tree size, depth): expressions share the objects of inlined lets, so each is measured
+        # once (the expr is kept so that its id stays its own)
+        self.measured: dict[int, tuple[ir.Expr, int, int]] = {}
+        self.pattern_nodes = 0
 
     def error(self, message: str, span: Span | None, hint: str | None = None) -> PatternSemanticError:
         return PatternSemanticError(message, span, self.source, self.filename, hint=hint)
@@ -67,6 +76,8 @@ class _Checker:
 
     def pattern(self, node: ast.Pattern) -> ir.Pattern:
         self.value_checks = []
+        self.pattern_nodes = 0
+        spans: list[tuple[str, Span]] = []
         self.check_name(node.name, node.span, "pattern")
         scope = _Scope(params={}, lets={})
         params: list[ir.Param] = []
@@ -79,6 +90,7 @@ class _Checker:
                 default = self.int_expr(p.default, scope, f"the default of parameter `{p.name}`")
             scope.params[p.name] = default
             params.append(ir.Param(p.name, default))
+            spans.append((p.name, p.default.span if p.default is not None else p.span))
 
         causal: ast.Causal | None = None
         block: ast.Block | None = None
@@ -109,6 +121,8 @@ class _Checker:
                     raise self.error(f"`{stmt.name}` is already defined", stmt.span)
                 value, kind = self.typed(stmt.value, _Scope(scope.params, scope.lets, positions=True,
                                                             head_index=True))
+                self.measure(value, stmt.value.span)
+                spans.append((stmt.name, stmt.value.span))
                 if value.free_vars() & {"i", "j", "h"} or kind == "bool":
                     # a macro over positions (or a condition): inlined where it is used, so it keeps its type
                     scope.lets[stmt.name] = value
@@ -121,6 +135,9 @@ class _Checker:
                     raise self.error(f"head `{stmt.name}` is declared twice (first on line "
                                      f"{head_spans[stmt.name].line})", stmt.span)
                 head_spans[stmt.name] = stmt.span
+                if len(heads) == MAX_HEADS:
+                    raise self.error(f"pattern `{node.name}` declares more than {MAX_HEADS} heads", stmt.span,
+                                     hint="use a head group, `head NAME[k] = ...` with `h`, for many similar heads")
                 heads.append(self.head(stmt, scope))
         if not heads:
             raise self.error(f"pattern `{node.name}` declares no head", node.span,
@@ -140,9 +157,41 @@ class _Checker:
         pattern = ir.Pattern(
             name=node.name, params=tuple(params), lets=tuple(lets), causal=causal is not None, block=block_expr,
             heads=tuple(heads), combine=mode, source=self.source, filename=self.filename,
-            checks=tuple(self.value_checks))
+            checks=tuple(self.value_checks), spans=tuple(spans))
         _check_values(pattern, n=None)
         return pattern
+
+    def measure(self, expr: ir.Expr, span: Span) -> tuple[int, int]:
+        """(tree size, depth) of `expr` with its lets inlined; an error at `span` past MAX_EXPR_NODES or
+        MAX_EXPR_DEPTH. Linear in the objects not measured before."""
+        stack: list[tuple[ir.Expr, bool]] = [(expr, False)]
+        while stack:
+            node, ready = stack.pop()
+            if id(node) in self.measured:
+                continue
+            children = node.children()
+            if ready or not children:
+                parts = [self.measured[id(c)] for c in children]
+                size = 1 + sum(p[1] for p in parts)
+                depth = 1 + max((p[2] for p in parts), default=0)
+                self.measured[id(node)] = (node, size, depth)
+                if size > MAX_EXPR_NODES:
+                    raise self.error(f"this expression has {size} nodes once its lets are inlined (at most "
+                                     f"{MAX_EXPR_NODES})", span, hint=_INLINE_HINT)
+                if depth > MAX_EXPR_DEPTH:
+                    raise self.error(f"this expression nests {depth} levels deep once its lets are inlined (at "
+                                     f"most {MAX_EXPR_DEPTH})", span, hint=_INLINE_HINT)
+            else:
+                stack.append((node, True))
+                stack.extend((c, False) for c in children)
+        return self.measured[id(expr)][1:]
+
+    def count_nodes(self, expr: ir.Expr, span: Span) -> None:
+        """Add a head's expression to the pattern's total, bounded by MAX_PATTERN_NODES."""
+        self.pattern_nodes += self.measure(expr, span)[0]
+        if self.pattern_nodes > MAX_PATTERN_NODES:
+            raise self.error(f"the heads of this pattern hold more than {MAX_PATTERN_NODES} expression nodes once "
+                             f"lets are inlined", span, hint=_INLINE_HINT)
 
     def check_name(self, name: str, span: Span, what: str) -> None:
         if name in RESERVED:
@@ -158,6 +207,9 @@ class _Checker:
             self.value_checks.append((count, "head_count", stmt.count.span, f"head count of `{stmt.name}`"))
         head_scope = _Scope(scope.params, scope.lets, head_index=True)
         body = self.head_body(stmt.body, head_scope, stmt.name)
+        exprs = [e for node in body.walk() for e in node.exprs()] if isinstance(body, ir.SetExpr) else body.exprs()
+        for e in exprs:
+            self.count_nodes(e, stmt.span)
         return ir.HeadGroup(stmt.name, count, body)
 
     def head_body(self, node: ast.SetExpr, scope: _Scope, head: str) -> ir.HeadBody:
@@ -320,12 +372,14 @@ class _Checker:
 
     def int_expr(self, node: ast.Expr, scope: _Scope, what: str) -> ir.Expr:
         expr, kind = self.typed(node, scope)
+        self.measure(expr, node.span)
         if kind != "int":
             raise self.error(f"{what} must be an integer, but this is a condition", node.span)
         return expr
 
     def bool_expr(self, node: ast.Expr, scope: _Scope, what: str) -> ir.Expr:
         expr, kind = self.typed(node, scope)
+        self.measure(expr, node.span)
         if kind != "bool":
             raise self.error(f"{what} must be a condition (a comparison, `and`, `or`, `not`), but this is an "
                              f"integer", node.span, hint="compare it, e.g. `... == 0`")
@@ -401,6 +455,10 @@ class _Checker:
                          hint=hint or (f"known names here: {', '.join(known)}" if known else None))
 
 
+_INLINE_HINT = ("lets over i, j or h, and conditions, are copied where they are used; use each such let once, or "
+                "write the expression without doubling it")
+
+
 def _kind_of(expr: ir.Expr) -> str:
     if isinstance(expr, ir.Const):
         return "bool" if isinstance(expr.value, bool) else "int"
@@ -458,27 +516,28 @@ def _evaluate_env(pattern: ir.Pattern, n: int | None) -> dict[str, int]:
     """Values of the parameters and lets computable without n (n is None) or for that n."""
     env: dict[str, int] = {}
     dependent = pattern.depends_on_n()
+    spans = dict(pattern.spans)
     for p in pattern.params:
         if p.default is None or (n is None and p.name in dependent):
             continue
         if not p.default.free_vars() <= set(env) | {"n"}:
             continue
-        env[p.name] = _exact(pattern, p.default, {**env, "n": n or 0}, f"parameter `{p.name}`")
+        env[p.name] = _exact(pattern, p.default, {**env, "n": n or 0}, f"parameter `{p.name}`", spans.get(p.name))
     for name, value in pattern.lets:
         if (n is None and name in dependent) or not value.free_vars() <= set(env) | {"n"}:
             continue
-        env[name] = _exact(pattern, value, {**env, "n": n or 0}, f"let `{name}`")
+        env[name] = _exact(pattern, value, {**env, "n": n or 0}, f"let `{name}`", spans.get(name))
     return env
 
 
-def _exact(pattern: ir.Pattern, expr: ir.Expr, env: Mapping[str, int], what: str) -> int:
+def _exact(pattern: ir.Pattern, expr: ir.Expr, env: Mapping[str, int], what: str, span: Span | None = None) -> int:
     try:
         value = ir.evaluate_int(expr, env)
     except (ZeroDivisionError, ArithmeticError) as err:
-        raise PatternUsageError(f"{what} of pattern `{pattern.name}`: {err}", None, pattern.source,
+        raise PatternUsageError(f"{what} of pattern `{pattern.name}`: {err}", span, pattern.source,
                                 pattern.filename) from None
     if isinstance(value, bool):
-        raise PatternUsageError(f"{what} of pattern `{pattern.name}` must be an integer", None, pattern.source,
+        raise PatternUsageError(f"{what} of pattern `{pattern.name}` must be an integer", span, pattern.source,
                                 pattern.filename)
     return value
 
@@ -497,6 +556,9 @@ def bind_pattern(pattern: ir.Pattern, n: int) -> ir.Bound:
                    for g in pattern.heads)
     block = _exact(pattern, pattern.block, {**env, "n": n}, "the block size")
     _check_values(pattern, n, env, {g.name: c for g, c in zip(pattern.heads, counts)})
+    if sum(counts) > MAX_HEADS:
+        raise PatternUsageError(f"pattern `{pattern.name}` has {sum(counts)} heads in all (with n = {n}); at most "
+                                f"{MAX_HEADS}", None, pattern.source, pattern.filename)
     return ir.Bound(pattern=pattern, n=n, env=env, block=block, counts=counts)
 
 
@@ -512,6 +574,9 @@ def override_params(pattern: ir.Pattern, overrides: Mapping[str, int]) -> ir.Pat
         if isinstance(value, bool) or not isinstance(value, int):
             raise PatternUsageError(f"parameter `{key}` must be an integer, got {value!r}",
                                     filename=pattern.filename)
+        if not -ir.INT_LIMIT < value < ir.INT_LIMIT:
+            raise PatternUsageError(f"parameter `{key}` is outside the range patterncc computes in "
+                                    f"(|value| < 2**62)", filename=pattern.filename)
     if not overrides:
         return pattern
     def literal(value: int) -> ir.Expr:
@@ -519,7 +584,7 @@ def override_params(pattern: ir.Pattern, overrides: Mapping[str, int]) -> ir.Pat
         # `format_pattern` parses back to an equal IR.
         return ir.Const(value) if value >= 0 else ir.Neg(ir.Const(-value))
 
-    params = tuple(ir.Param(p.name, literal(overrides[p.name])) if p.name in overrides else p
+    params = tuple(ir.Param(p.name, literal(int(overrides[p.name]))) if p.name in overrides else p
                    for p in pattern.params)
     out = dataclasses.replace(pattern, params=params)
     _check_values(out, n=None)

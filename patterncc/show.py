@@ -29,6 +29,7 @@ from .semantics import bind_pattern
 __all__ = ["EXACT_MAX_N", "query_row", "render"]
 
 EXACT_MAX_N = 2048  # larger n: draw tiles from the block layout instead of pairs
+MAX_PANELS = 64  # distinct heads in one picture: each is a panel, and up to n = 2048 an n x n mask
 _MAX_TILES = 4096  # tiles per side beyond which a layout picture is too large to compute and says nothing
 _DPI = 150
 _PIXELS = 512  # matrix cells per panel side (about its size in pixels); larger matrices are averaged down to this
@@ -64,6 +65,12 @@ def render(pattern: ir.Pattern, n: int, path: str | Path, grid: int | None = Non
         raise PatternUsageError(f"the layer must be a non-negative integer, got {layer!r}")
     if grid is not None and (not isinstance(grid, int) or grid < 1):
         raise PatternUsageError(f"the grid width must be a positive integer, got {grid!r}")
+    if grid is not None and grid > n:
+        raise PatternUsageError(f"the grid width must be at most n = {n} (a row of the image), got {grid}")
+    distinct = len(set(bound.head_sets(layer)))
+    if distinct > MAX_PANELS:
+        raise PatternUsageError(f"this pattern has {distinct} distinct attention heads; `show` draws at most "
+                                f"{MAX_PANELS}", hint="`patterncc check` reports every head")
     if query is None:
         query = n // 2 if grid is None else _middle_cell(n, grid)
     elif not isinstance(query, int) or not 0 <= query < n:

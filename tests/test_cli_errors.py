@@ -74,12 +74,12 @@ def test_error_that_needs_n(capsys, write):
 
 def test_missing_file(capsys, tmp_path: Path):
     err = user_error(capsys, "show", tmp_path / "nope.attn", "--n", "64", "-o", tmp_path / "x.png")
-    assert err.strip() == f"{tmp_path / 'nope.attn'}: error: no such pattern file"
+    assert err.strip() == f"{tmp_path / 'nope.attn'}: error: file not found"
 
 
 def test_file_name_without_suffix_is_still_a_file(capsys, tmp_path: Path):
     err = user_error(capsys, "show", tmp_path / "nope", "--n", "64", "-o", tmp_path / "x.png")
-    assert "no such pattern file" in err
+    assert "file not found" in err
 
 
 @pytest.mark.parametrize("define, words", [

@@ -120,3 +120,20 @@ def test_int_subclass_overrides_are_reprinted_as_plain_integers():
     pattern = patterncc.parse("examples/strided.attn", l=Sneaky(8))
     source = patterncc.compile_pattern(pattern, params={"l": Sneaky(8)}).source
     assert "pwned" not in source and "l=8" in source
+
+
+def test_patterns_whose_files_differ_only_in_case_are_refused(tmp_path):
+    import subprocess
+    import sys
+
+    source = tmp_path / "cases.attn"
+    source.write_text("pattern foo() { head a = local(1) }\npattern Foo() { head a = local(2) }\n"
+                      "pattern FOO() { head a = local(3) }\n")
+    command = [sys.executable, "-m", "patterncc.cli", "compile", str(source), "-o", str(tmp_path / "out")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "`foo` and `Foo` would both be written to foo.py" in result.stderr
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    one = subprocess.run([sys.executable, "-m", "patterncc.cli", "compile", str(source), "--pattern", "Foo", "-o",
+                          str(tmp_path / "out")], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr

@@ -14,6 +14,7 @@ Passes, in order:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import ir
@@ -125,7 +126,14 @@ class Analysis:
         }
 
 
-def analyze(pattern: ir.Pattern, n: int, layer: int = 0, max_steps: int = 8) -> Analysis:
+MAX_N = 32768  # coverage keeps n x n bits per step (128 MiB here) and the analysis takes ~10 s at this n
+MAX_STEPS = 64
+
+Progress = Callable[[str, int, int], None]  # (what is being analyzed, done, total)
+
+
+def analyze(pattern: ir.Pattern, n: int, layer: int = 0, max_steps: int = 8, progress: Progress | None = None
+            ) -> Analysis:
     """Exact statistics, closed-form cost, coverage and permutations of `pattern` at sequence length n.
 
     `layer` picks the layer of a `combine interleaved` pattern (it only changes `layer_heads`); `max_steps` caps
@@ -134,11 +142,17 @@ def analyze(pattern: ir.Pattern, n: int, layer: int = 0, max_steps: int = 8) -> 
     """
     if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
         raise PatternUsageError(f"max_steps must be a positive integer, got {max_steps!r}")
+    if max_steps > MAX_STEPS:
+        raise PatternUsageError(f"max_steps is at most {MAX_STEPS}, got {max_steps}")
+    if isinstance(n, int) and not isinstance(n, bool) and n > MAX_N:
+        raise PatternUsageError(f"the analysis takes n up to {MAX_N}, got n = {n}",
+                                hint="the kernels take any n; `patterncc show` draws the block layout up to "
+                                     "n = 4096 tiles of the block size")
     with tiles.single_threaded():
-        return _analyze(pattern, n, layer, max_steps)
+        return _analyze(pattern, n, layer, max_steps, progress or (lambda what, done, total: None))
 
 
-def _analyze(pattern: ir.Pattern, n: int, layer: int, max_steps: int) -> Analysis:
+def _analyze(pattern: ir.Pattern, n: int, layer: int, max_steps: int, progress: Progress) -> Analysis:
     # 1. bind and list distinct heads
     bound = bind_pattern(pattern, n)
     entries = []  # (name, group, h or None, count)
@@ -150,7 +164,9 @@ def _analyze(pattern: ir.Pattern, n: int, layer: int, max_steps: int) -> Analysi
     # 2. each head
     connectivity: dict[str, Connectivity] = {}
     heads, warnings = [], []
-    for name, group, h, count in entries:
+    total = len(entries) + 2
+    for index, (name, group, h, count) in enumerate(entries):
+        progress(f"{pattern.name}: head {name}", index, total)
         pairs = ((group, h or 0),)
         head_cost = cost_mod.head_cost(pattern, group, h or 0, bound.block)
         if group.family == "hashed":
@@ -174,6 +190,7 @@ def _analyze(pattern: ir.Pattern, n: int, layer: int, max_steps: int) -> Analysi
     if len(known) < len(heads):
         notes.append(DATA_DEPENDENT + "; the union leaves them out")
     union_entry = None
+    progress(f"{pattern.name}: union", len(entries), total)
     if known:
         pairs = tuple((group, h or 0) for (_, group, h, _), _ in known)
         conn = union([connectivity[head.name] for _, head in known])
@@ -183,7 +200,11 @@ def _analyze(pattern: ir.Pattern, n: int, layer: int, max_steps: int) -> Analysi
             "union", None, None, sum(head.count for _, head in known), "union", row_stats(conn, pattern.causal),
             _summary(layout), cost_mod.union_cost([head.cost for _, head in known], pattern),
             search_permutation(bound, pairs, natural_layout=layout) if all_sets else None)
+    unknown_order = [h.name for h in (*heads, *([union_entry] if union_entry else [])) if h.cost.order is None]
+    if unknown_order:
+        notes.append(f"{cost_mod.ORDER_UNKNOWN_NOTE} ({', '.join(unknown_order)})")
     # 4. coverage
+    progress(f"{pattern.name}: coverage", len(entries) + 1, total)
     results = _coverage(pattern, bound, entries, connectivity, max_steps)
     # 5. what each attention head of the layer runs
     layer_heads = tuple(_entry_name(pairs, pattern.combine) for pairs in bound.head_sets(layer))

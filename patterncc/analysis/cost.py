@@ -26,7 +26,7 @@ class Cost:
     """Keys per query row: `formula` bounds the maximum (an expectation when `expected`)."""
 
     formula: sympy.Expr
-    order: sympy.Expr  # an O(...) term in n
+    order: sympy.Expr | None  # an O(...) term in n; None when sympy could not compute it
     expected: bool = False
     notes: tuple[str, ...] = ()
 
@@ -40,8 +40,10 @@ class Cost:
                 "value": self.value(env, n), "notes": list(self.notes)}
 
 
-def format_order(order: sympy.Expr) -> str:
-    """`O(n)` rather than sympy's `O(n, (n, oo))`."""
+def format_order(order: sympy.Expr | None) -> str:
+    """`O(n)` rather than sympy's `O(n, (n, oo))`; `?` when the order could not be computed."""
+    if order is None:
+        return "?"
     return f"O({order.expr})" if isinstance(order, sympy.Order) else str(order)
 
 
@@ -95,19 +97,30 @@ def head_cost(pattern: ir.Pattern, group: ir.HeadGroup, h: int, block: int) -> C
         formula = sym.expr(body.rounds) * 2 * sym.expr(body.chunk)
         note = ("expected keys per row: rounds x 2 chunks (own and previous chunk of the bucket-sorted order); "
                 "the pairs depend on the data")
-        return Cost(formula, order_in_n(pattern, formula), expected=True, notes=(note,))
+        return _with_order(formula, pattern, expected=True, notes=(note,))
     if isinstance(body, ir.Kernel):
         return Cost(sympy.Integer(1), sympy.O(1, (N, sympy.oo)),
                     notes=("linear attention: O(d^2) work per query row (d the head dimension), whatever n",))
     notes: list[str] = []
-    formula = _set_cost(body, sym, pattern.causal, block, notes)
-    return Cost(formula, order_in_n(pattern, formula), notes=tuple(dict.fromkeys(notes)))
+    try:
+        formula = _set_cost(body, sym, pattern.causal, block, notes)
+    except Exception:  # noqa: BLE001 - sympy failed building the formula: n bounds every row
+        formula, notes = N, [NO_CLOSED_FORM]
+    return _with_order(formula, pattern, notes=tuple(dict.fromkeys(notes)))
 
 
 def union_cost(parts: list[Cost], pattern: ir.Pattern) -> Cost:
     formula = sympy.Add(*(c.formula for c in parts))
-    notes = tuple(dict.fromkeys(note for c in parts for note in c.notes))
-    return Cost(formula, order_in_n(pattern, formula), expected=any(c.expected for c in parts), notes=notes)
+    notes = tuple(dict.fromkeys(note for c in parts for note in c.notes if note != ORDER_UNKNOWN_NOTE))
+    return _with_order(formula, pattern, expected=any(c.expected for c in parts), notes=notes)
+
+
+def _with_order(formula: sympy.Expr, pattern: ir.Pattern, expected: bool = False, notes: tuple[str, ...] = ()
+                ) -> Cost:
+    order = order_in_n(pattern, formula)
+    if order is None:
+        notes = (*notes, ORDER_UNKNOWN_NOTE)
+    return Cost(formula, order, expected=expected, notes=notes)
 
 
 def _set_cost(node: ir.SetExpr, sym: _Symbolic, causal: bool, block: int, notes: list[str]) -> sympy.Expr:
@@ -263,9 +276,20 @@ def _residue_of_distance(e: ir.Expr) -> ir.Expr | None:
 # Asymptotic order -------------------------------------------------------------------------------------------------
 
 
-def order_in_n(pattern: ir.Pattern, formula: sympy.Expr) -> sympy.Expr:
+ORDER_UNKNOWN_NOTE = "the order in n could not be computed (sympy failed on this formula); the bound stands"
+
+
+def order_in_n(pattern: ir.Pattern, formula: sympy.Expr) -> sympy.Expr | None:
     """O(formula) as n grows, with parameters and lets that depend on n replaced by their formulas in n
-    (floors dropped: they do not change the order)."""
+    (floors dropped: they do not change the order); None when sympy cannot say (its limits and series raise
+    NotImplementedError, TypeError and more on some formulas, which must never reach the user)."""
+    try:
+        return _order_in_n(pattern, formula)
+    except Exception:  # noqa: BLE001 - any sympy failure: the bound is still exact, only its order is unknown
+        return None
+
+
+def _order_in_n(pattern: ir.Pattern, formula: sympy.Expr) -> sympy.Expr:
     sym = _Symbolic(pattern, 0)
     dependent = pattern.depends_on_n()
     substitutions = {}

@@ -98,9 +98,16 @@ def search_permutation(bound: ir.Bound, pairs, tile: int | None = None,
     return PermutationChoice(tile, natural, candidates, chosen)
 
 
+MAX_PERIODS = 8
+# Each candidate costs a layout of the whole head, in time proportional to its heads: a union of 4096 heads tries
+# one period, a union of 64 heads eight.
+_PERIOD_BUDGET = 512
+
+
 def candidate_periods(bound: ir.Bound, pairs) -> list[int]:
-    """Every modulus of the heads' predicates, evaluated (2 <= l < n); none if any head is not a set head."""
-    periods: set[int] = set()
+    """The moduli of the heads' predicates, evaluated (2 <= l < n), at most MAX_PERIODS of them and fewer for a
+    union of many heads (those that most heads use, then the smallest); none if any head is not a set head."""
+    periods: dict[int, int] = {}
     for group, h in pairs:
         if group.family != "set":
             return []
@@ -112,8 +119,9 @@ def candidate_periods(bound: ir.Bound, pairs) -> list[int]:
                 except (ZeroDivisionError, ArithmeticError, KeyError):
                     continue
                 if isinstance(value, int) and 2 <= value < bound.n:
-                    periods.add(value)
-    return sorted(periods)
+                    periods[value] = periods.get(value, 0) + 1
+    keep = min(MAX_PERIODS, max(1, _PERIOD_BUDGET // max(1, len(pairs))))
+    return sorted(sorted(periods, key=lambda p: (-periods[p], p))[:keep])
 
 
 def _moduli(node: ir.SetExpr):

@@ -53,22 +53,57 @@ def _clamp(s: SI) -> SI:
               torch.where(wide, 1, s.st))
 
 
-def tile_positions(positions: torch.Tensor, n: int, tile: int) -> SI:
-    """Per tile of `tile` consecutive slots of `positions` (a permutation of 0..n-1, or arange(n)): the
-    strided interval of the original positions it holds. Slots past n (the last tile's padding) are ignored.
-    Shape (num_tiles,)."""
+class TilePieces:
+    """The positions of each tile as a union of at most a few strided intervals ("pieces"): piece k of every tile
+    (an SI of shape (num_tiles,)) with `valid[k]`, which tiles have a k-th piece. A tile of a grid-transposed order
+    holds runs of several residue classes (when n / period is not a multiple of the tile): one strided interval
+    per run keeps `(i - j) % l == 0` decidable, where their hull (stride gcd 1) would not."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self, pieces: list[tuple[SI, torch.Tensor]]):
+        self.pieces = pieces
+
+    @property
+    def num_tiles(self) -> int:
+        return self.pieces[0][0].lo.shape[0]
+
+
+MAX_PIECES = 4  # beyond this many runs a tile is described by its hull (sound, less precise)
+
+
+def _runs_hull(grid: torch.Tensor, valid: torch.Tensor) -> SI:
+    lo = torch.where(valid, grid, _BIG).min(dim=1).values
+    hi = torch.where(valid, grid, -1).max(dim=1).values
+    st = torch.zeros(grid.shape[0], dtype=torch.int64)
+    for c in range(grid.shape[1]):
+        st = torch.gcd(st, torch.where(valid[:, c], grid[:, c] - lo, 0))
+    return SI(lo, hi, st)
+
+
+def tile_positions(positions: torch.Tensor, n: int, tile: int) -> TilePieces:
+    """Per tile of `tile` consecutive slots of `positions` (a permutation of 0..n-1, or arange(n)): the original
+    positions it holds, as up to MAX_PIECES strided intervals, one per maximal run of slots whose positions step
+    by the tile's most common step. Slots past n (the last tile's padding) are ignored."""
     num_tiles = -(-n // tile)
     padded = torch.full((num_tiles * tile,), -1, dtype=torch.int64)
     padded[:n] = positions.to(torch.int64)
     grid = padded.view(num_tiles, tile)
     valid = grid >= 0
-    lo = torch.where(valid, grid, _BIG).min(dim=1).values
-    hi = torch.where(valid, grid, -1).max(dim=1).values
-    st = torch.zeros(num_tiles, dtype=torch.int64)
-    for c in range(tile):
-        diff = torch.where(valid[:, c], grid[:, c] - lo, 0)
-        st = torch.gcd(st, diff)
-    return SI(lo, hi, st)
+    if tile == 1:
+        return TilePieces([(_runs_hull(grid, valid), valid[:, 0])])
+    step = grid[:, 1:] - grid[:, :-1]
+    both = valid[:, 1:] & valid[:, :-1]
+    usual = torch.mode(torch.where(both, step, step[:, :1]), dim=1).values
+    breaks = both & (step != usual[:, None])
+    run = torch.cat([torch.zeros(num_tiles, 1, dtype=torch.int64), torch.cumsum(breaks, dim=1)], dim=1)
+    many = run.max(dim=1).values >= MAX_PIECES
+    run[many] = 0  # too many runs: the hull
+    pieces = []
+    for k in range(int(run.max()) + 1):
+        member = valid & (run == k)
+        pieces.append((_runs_hull(grid, member), member.any(dim=1)))
+    return TilePieces(pieces)
 
 
 def natural_tiles(n: int, tile: int) -> SI:
@@ -310,21 +345,47 @@ def single_threaded():
         torch.set_num_threads(threads)
 
 
-def classify_tiles(predicate, q_tiles: SI, k_tiles: SI, n: int, tile_m: int, tile_n: int,
+def _as_pieces(tiles_or_pieces) -> list[tuple[SI, torch.Tensor | None]]:
+    if isinstance(tiles_or_pieces, TilePieces):
+        return tiles_or_pieces.pieces
+    return [(tiles_or_pieces, None)]
+
+
+def classify_tiles(predicate, q_tiles, k_tiles, n: int, tile_m: int, tile_n: int,
                    rows_per_chunk: int = 256) -> torch.Tensor:
     """int8 classes (num_q_tiles, num_k_tiles) of `predicate(i, j)` (i, j strided intervals per tile).
 
-    Chunked over query tiles to bound memory. A tile holding padding slots (past n) is never FULL, so FULL
-    tiles need no mask of any kind in a kernel.
+    q_tiles and k_tiles are SI (one interval per tile) or TilePieces: a tile pair is EMPTY when every pair of its
+    pieces is, FULL when every pair is. Chunked over query tiles to bound memory. A tile holding padding slots
+    (past n) is never FULL, so FULL tiles need no mask of any kind in a kernel.
     """
-    num_q, num_k = q_tiles.lo.shape[0], k_tiles.lo.shape[0]
+    q_pieces, k_pieces = _as_pieces(q_tiles), _as_pieces(k_tiles)
+    num_q, num_k = q_pieces[0][0].lo.shape[0], k_pieces[0][0].lo.shape[0]
     classes = torch.empty(num_q, num_k, dtype=torch.int8)
-    j = SI(k_tiles.lo[None, :], k_tiles.hi[None, :], k_tiles.st[None, :])
     with single_threaded():
         for start in range(0, num_q, rows_per_chunk):
             stop = min(start + rows_per_chunk, num_q)
-            i = SI(q_tiles.lo[start:stop, None], q_tiles.hi[start:stop, None], q_tiles.st[start:stop, None])
-            classes[start:stop] = classify(predicate(i, j)).expand(stop - start, num_k)
+            if len(q_pieces) == 1 and len(k_pieces) == 1 and q_pieces[0][1] is None and k_pieces[0][1] is None:
+                (q_piece, _), (k_piece, _) = q_pieces[0], k_pieces[0]
+                i = SI(q_piece.lo[start:stop, None], q_piece.hi[start:stop, None], q_piece.st[start:stop, None])
+                j = SI(k_piece.lo[None, :], k_piece.hi[None, :], k_piece.st[None, :])
+                classes[start:stop] = classify(predicate(i, j)).expand(stop - start, num_k)
+                continue
+            may_true = torch.zeros(stop - start, num_k, dtype=torch.bool)
+            may_false = torch.zeros(stop - start, num_k, dtype=torch.bool)
+            for q_piece, q_valid in q_pieces:
+                i = SI(q_piece.lo[start:stop, None], q_piece.hi[start:stop, None], q_piece.st[start:stop, None])
+                for k_piece, k_valid in k_pieces:
+                    j = SI(k_piece.lo[None, :], k_piece.hi[None, :], k_piece.st[None, :])
+                    piece_true, piece_false = predicate(i, j)
+                    present = torch.ones(stop - start, num_k, dtype=torch.bool)
+                    if q_valid is not None:
+                        present &= q_valid[start:stop, None]
+                    if k_valid is not None:
+                        present &= k_valid[None, :]
+                    may_true |= piece_true & present
+                    may_false |= piece_false & present
+            classes[start:stop] = classify((may_true, may_false))
     if n % tile_m:
         classes[-1][classes[-1] == FULL] = PARTIAL
     if n % tile_n:
