@@ -7,14 +7,16 @@
   (a differential test of analysis, lowering, assembly and the CPU path against the IR's own semantics).
 - Byte-level: the examples with random bytes flipped, inserted or deleted; only PatternError may escape.
 
-Each input must finish within INPUT_SECONDS (a SIGALRM guard). PATTERNCC_FUZZ_EXAMPLES=N runs N inputs per test
-instead of the CI default, for a longer local run, e.g. `PATTERNCC_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz.py`.
+Each input must finish within INPUT_SECONDS (a SIGALRM guard) and raise the peak memory by less than 1 GiB.
+PATTERNCC_FUZZ_EXAMPLES=N runs N inputs per test instead of the CI default, for a longer local run, e.g.
+`PATTERNCC_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import time
 
@@ -40,11 +42,17 @@ FUZZ_CHECK = settings(max_examples=SCALE or 60, deadline=None, suppress_health_c
 FUZZ_COMPILED = settings(max_examples=SCALE or 12, deadline=None, suppress_health_check=_HEALTH)
 
 
+MEMORY_BYTES = 1 << 30
+
+
 @contextlib.contextmanager
 def time_limit(seconds: int, what: str):
+    """Each input within `seconds` (SIGALRM), and the process's peak memory grows by less than MEMORY_BYTES
+    while it runs (ru_maxrss is a high-water mark: a larger peak by one input shows as growth)."""
     def expired(signum, frame):
         raise TimeoutError(f"{what} took more than {seconds} s")
 
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     previous = signal.signal(signal.SIGALRM, expired)
     signal.alarm(seconds)
     try:
@@ -52,6 +60,8 @@ def time_limit(seconds: int, what: str):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
+    assert growth < MEMORY_BYTES, f"{what} raised the peak memory by {growth / 2**30:.1f} GiB"
 
 
 # Grammar-aware generation ---------------------------------------------------------------------------------------
