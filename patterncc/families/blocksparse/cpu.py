@@ -5,142 +5,171 @@ gathered (compacted from the layout's tile lists and the mask's predicate), then
 sum: the work of the tiles the kernels compute, never an n x n mask.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from ...runtime import tiles
 
-CPU_CHUNK = 16  # query tiles per chunk of the CPU path: widths that grow along the sequence are padded little
+CPU_CHUNK = 16  # query tiles per chunk of the CPU path at most: widths that grow along a sequence are padded little
 # Share a chunk's keys when that computes at most this factor more pairs: one gather and one larger matmul per
 # chunk beat a gather per tile (measured on CPU; tests set 0 or inf to force either mode).
 CPU_SHARE_LIMIT = 1.25
-_SCORES_PER_STEP = 1 << 24  # bounds the score tensor of one step: memory stays O(n), whatever the batch
+# Memory bounds, in elements: a chunk's plan (query rows x the keys its tiles list), one step of planning (the
+# predicate on query rows x listed keys, int64 intermediates) and one step of attention (scores). Each is O(1) in n,
+# so planning and the forward pass take memory in proportion to the pairs computed, never n x n.
+_PLAN_PER_CHUNK = 1 << 23
+_PLAN_PER_STEP = 1 << 22
+_SCORES_PER_STEP = 1 << 24
 
 
-def cpu_gather(layout, mask, dtype):
-    """The CPU path's plan for a mask: (mode, key slots, bias, has_keys, widths, positions).
+class CpuChunk(NamedTuple):
+    """The keys of query tiles start..stop-1: shared (one key list for the chunk, slots [w]) or per tile (slots
+    [tiles, w]); blocked [tiles, block, w]: the (query row, key) pairs the mask does not allow (bool: a quarter of
+    the memory of a float bias; scores are masked with it in place as they are computed)."""
 
-    Per query tile, the key slots some row of it may see (compacted, ascending), the additive score bias of
-    those pairs (0 allowed, -inf not) and which rows have any key. Of natural and permuted order, the one
-    with less work is used. mode "tile": every query tile gathers its own keys; mode "chunk": the
-    CPU_CHUNK query tiles of a chunk share the union of their keys (one gather and one larger matmul),
-    chosen when that union is hardly wider than the tiles' own lists (e.g. growing prefixes of summary
-    cells)."""
-    key = (mask, dtype)
-    if key not in layout.cpu_plans:
-        orders = [(layout.classes[mask], layout.positions_cpu[mask])]
-        if layout.positions_cpu[mask] is not None:  # the kernels chose a permutation; the CPU may not
-            orders.append((layout.natural_classes[mask], None))
-        best = min((_compact(layout, mask, classes, positions) for classes, positions in orders),
-                   key=lambda plan: plan[0])
-        _, slots, allowed, widths, positions = best
-        mode, slots, allowed, widths = _share_chunks(layout, slots, allowed, widths)
-        has_keys = allowed.any(dim=-1, keepdim=True)
-        # A row with no allowed key softmaxes over one dummy key instead of none (which would give NaN);
-        # its output is then multiplied by has_keys = 0, so output and gradients are exactly 0.
-        allowed[:, :, 0] |= ~has_keys[:, :, 0]
-        bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
-        layout.cpu_plans[key] = (mode, slots, bias, has_keys.to(dtype), widths, positions)
-    return layout.cpu_plans[key]
+    start: int
+    stop: int
+    shared: bool
+    slots: torch.Tensor
+    blocked: torch.Tensor
 
 
-def _compact(layout, mask, classes, positions):
-    """(work, key slots [tiles, width], allowed [tiles, block, width], widths per tile, positions)."""
+class CpuPlan(NamedTuple):
+    positions: torch.Tensor | None  # the visiting order (None: natural)
+    chunks: list  # of CpuChunk, covering every query tile in order
+    has_keys: torch.Tensor  # [tiles, block, 1]: 1 for rows with an allowed key, 0 otherwise
+
+
+def cpu_gather(layout, mask):
+    """The CPU path's plan for a mask (a CpuPlan), built once per (layout, mask).
+
+    The order is the kernels' (natural or a grid transpose) or natural, whichever lists fewer key tiles. Per
+    chunk of query tiles, the key slots some row may see (compacted, ascending) and their score bias; a chunk
+    shares one key list when that union is hardly wider than its tiles' own lists (e.g. growing prefixes of
+    summary cells). Planning evaluates the predicate only on listed tiles, in steps of bounded size."""
+    if mask not in layout.cpu_plans:
+        classes, positions = layout.classes[mask], layout.positions_cpu[mask]
+        if positions is not None:  # the kernels chose a permutation; the CPU may not
+            natural = layout.natural_classes[mask]
+            if int((natural != tiles.EMPTY).sum()) < int((classes != tiles.EMPTY).sum()):
+                classes, positions = natural, None
+        layout.cpu_plans[mask] = _plan(layout, mask, classes, positions)
+    return layout.cpu_plans[mask]
+
+
+def _plan(layout, mask, classes, positions):
     n, t, block = layout.n, layout.num_tiles, layout.masks.block
     counts, index = tiles.tile_lists(classes != tiles.EMPTY)
-    width = index.shape[1]
-    slots = torch.arange(t * block, dtype=torch.int64)
-    pos = slots.clone()
+    counts = counts.to(torch.int64)
+    pos = torch.arange(t * block, dtype=torch.int64)
     if positions is not None:
         pos[:n] = positions
-    real = slots < n
-    k_slot = (index.to(torch.int64)[:, :, None] * block + torch.arange(block)).reshape(t, width * block)
-    listed = (torch.arange(width)[None, :] < counts[:, None].to(torch.int64)).repeat_interleave(block, dim=1)
-    allowed = layout.masks.allowed(mask, pos.view(t, block)[:, :, None], pos[k_slot][:, None, :], n, layout.random_cpu)
-    allowed = allowed & (listed & real[k_slot])[:, None, :] & real.view(t, block)[:, :, None]
-    # Keep only key slots some row of the tile may see, left-aligned (tile_lists sorts them ascending).
+    real = torch.arange(t * block) < n
+    chunks, has_keys = [], []
+    start = 0
+    while start < t:
+        # As many tiles as CPU_CHUNK and the chunk's memory bound allow (at least one).
+        stop = start + 1
+        while stop < min(start + CPU_CHUNK, t) and \
+                (stop + 1 - start) * block * int(counts[start:stop + 1].max()) * block <= _PLAN_PER_CHUNK:
+            stop += 1
+        slots, allowed, widths = _compact(layout, mask, index[start:stop], counts[start:stop], start, pos, real)
+        chunk, allowed = _share(start, stop, slots, allowed, widths)
+        rows_with_keys = allowed.any(dim=-1, keepdim=True)
+        # A row with no allowed key softmaxes over one dummy key instead of none (which would give NaN); its
+        # output is then multiplied by has_keys = 0, so output and gradients are exactly 0.
+        allowed[:, :, 0] |= ~rows_with_keys[:, :, 0]
+        chunks.append(chunk._replace(blocked=~allowed))
+        has_keys.append(rows_with_keys)
+        start = stop
+    return CpuPlan(positions, chunks, torch.cat(has_keys))
+
+
+def _compact(layout, mask, index, counts, first_tile, pos, real):
+    """For query tiles first_tile.. (their key-tile lists `index`, `counts`): (key slots [tiles, w], allowed
+    [tiles, block, w], widths [tiles]), keeping only key slots some row of the tile may see, left-aligned."""
+    block, n = layout.masks.block, layout.n
+    tiles_here = index.shape[0]
+    width = max(1, int(counts.max()))
+    index = index[:, :width].to(torch.int64)
+    k_slot = (index[:, :, None] * block + torch.arange(block)).reshape(tiles_here, width * block)
+    listed = (torch.arange(width)[None, :] < counts[:, None]).repeat_interleave(block, dim=1) & real[k_slot]
+    allowed = torch.zeros(tiles_here, block, width * block, dtype=torch.bool)
+    per_step = max(1, _PLAN_PER_STEP // (block * width * block))
+    for a in range(0, tiles_here, per_step):
+        b = min(a + per_step, tiles_here)
+        rows = pos[(first_tile + a) * block:(first_tile + b) * block].view(b - a, block)
+        allowed[a:b] = layout.masks.allowed(mask, rows[:, :, None], pos[k_slot[a:b]][:, None, :], n,
+                                            layout.random_cpu)
+    query_real = real[first_tile * block:(first_tile + tiles_here) * block].view(tiles_here, block)
+    allowed &= listed[:, None, :] & query_real[:, :, None]
     widths, keep = tiles.tile_lists(allowed.any(dim=1))
     keep = keep.to(torch.int64)
     valid = torch.arange(keep.shape[1])[None, :] < widths[:, None].to(torch.int64)
-    compact_slots = torch.gather(k_slot, 1, keep)
-    compact_allowed = torch.gather(allowed, 2, keep[:, None, :].expand(t, block, keep.shape[1]))
-    compact_allowed &= valid[:, None, :]
-    work = int(widths.to(torch.int64).sum())
-    return work, compact_slots, compact_allowed, widths, positions
+    slots = torch.gather(k_slot, 1, keep)
+    allowed = torch.gather(allowed, 2, keep[:, None, :].expand(tiles_here, block, keep.shape[1])) & valid[:, None, :]
+    return slots, allowed, widths.to(torch.int64)
 
 
-def _share_chunks(layout, slots, allowed, widths):
-    """("chunk", union slots per chunk, allowed re-aligned to them, union widths per chunk) when sharing
-    costs at most CPU_SHARE_LIMIT times the per-tile work (padded per chunk); else ("tile", inputs as is)."""
-    t, block = layout.num_tiles, layout.masks.block
-    tile_work, unions = 0, []
-    for start in range(0, t, CPU_CHUNK):
-        stop = min(start + CPU_CHUNK, t)
-        w = int(widths[start:stop].max())
-        tile_work += (stop - start) * w
-        valid = torch.arange(slots.shape[1])[None, :] < widths[start:stop, None].to(torch.int64)
-        unions.append(torch.unique(slots[start:stop][valid]))
-    shared_work = sum(min(CPU_CHUNK, t - c * CPU_CHUNK) * u.numel() for c, u in enumerate(unions))
-    if shared_work > CPU_SHARE_LIMIT * tile_work:
-        return "tile", slots, allowed, widths
-    width = max(1, max(u.numel() for u in unions))
-    chunk_slots = torch.zeros(len(unions), width, dtype=torch.int64)
-    chunk_allowed = torch.zeros(t, block, width, dtype=torch.bool)
-    for c, union in enumerate(unions):
-        start, stop = c * CPU_CHUNK, min((c + 1) * CPU_CHUNK, t)
-        chunk_slots[c, :union.numel()] = union
-        # Where each tile's compacted slot sits in the chunk's union (both ascending).
-        column = torch.searchsorted(union, slots[start:stop].clamp(min=0))
-        column = column.clamp(max=max(union.numel() - 1, 0))
-        for tile in range(start, stop):
-            w = int(widths[tile])
-            chunk_allowed[tile][:, column[tile - start, :w]] = allowed[tile, :, :w]
-    chunk_widths = torch.tensor([u.numel() for u in unions], dtype=torch.int32)
-    return "chunk", chunk_slots, chunk_allowed, chunk_widths
+def _share(start, stop, slots, allowed, widths):
+    """(CpuChunk without its mask, allowed aligned to its slots): the chunk's tiles share the union of their key slots
+    when that costs at most CPU_SHARE_LIMIT times their own lists (padded to the widest)."""
+    tiles_here, block = allowed.shape[0], allowed.shape[1]
+    valid = torch.arange(slots.shape[1])[None, :] < widths[:, None]
+    union = torch.unique(slots[valid])
+    if union.numel() == 0 or tiles_here * union.numel() > CPU_SHARE_LIMIT * tiles_here * int(widths.max()):
+        return CpuChunk(start, stop, False, slots, None), allowed
+    shared = torch.zeros(tiles_here, block, union.numel(), dtype=torch.bool)
+    # Where each tile's compacted slot sits in the union (both ascending).
+    column = torch.searchsorted(union, slots).clamp(max=union.numel() - 1)
+    for tile in range(tiles_here):
+        w = int(widths[tile])
+        shared[tile][:, column[tile, :w]] = allowed[tile, :, :w]
+    return CpuChunk(start, stop, True, union, None), shared
 
 
 def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv):
     """Attention for the query heads `heads`, which share mask `mask`: per query tile (or per chunk of query
     tiles sharing their keys), gather the key rows its rows may see, masked softmax, weighted sum."""
-    mode, slots, bias, has_keys, widths, positions = cpu_gather(layout, mask, q.dtype)
+    plan = cpu_gather(layout, mask)
     n, t, block = layout.n, layout.num_tiles, layout.masks.block
     batch, dim = q.shape[0], q.shape[-1]
     head_index = torch.tensor(heads, device=q.device)
     qm, km, vm = q[:, head_index] * scale, k[:, head_index // q_per_kv], v[:, head_index // q_per_kv]
-    if positions is not None:
-        qm, km, vm = qm[:, :, positions], km[:, :, positions], vm[:, :, positions]
+    if plan.positions is not None:
+        qm, km, vm = qm[:, :, plan.positions], km[:, :, plan.positions], vm[:, :, plan.positions]
     pad = t * block - n
     if pad:
         qm, km, vm = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (qm, km, vm))
     hm = len(heads)
     q_tiles = qm.reshape(batch, hm, t, block, dim)
     outs = []
-    for chunk, start in enumerate(range(0, t, CPU_CHUNK)):
-        stop = min(start + CPU_CHUNK, t)
-        w = max(1, int(widths[chunk] if mode == "chunk" else widths[start:stop].max()))
-        step = max(1, min(stop - start, _SCORES_PER_STEP // (batch * hm * block * w)))
-        if mode == "chunk":
-            idx = slots[chunk, :w]
-            k_chunk, v_chunk = km.index_select(2, idx), vm.index_select(2, idx)  # [batch, heads, w, dim]
-        for first in range(start, stop, step):
-            last = min(first + step, stop)
-            tiles_here = last - first
-            if mode == "chunk":
+    for chunk in plan.chunks:
+        w = chunk.blocked.shape[-1]
+        step = max(1, min(chunk.stop - chunk.start, _SCORES_PER_STEP // (batch * hm * block * w)))
+        if chunk.shared:
+            k_chunk, v_chunk = km.index_select(2, chunk.slots), vm.index_select(2, chunk.slots)  # [b, h, w, d]
+        for first in range(chunk.start, chunk.stop, step):
+            last = min(first + step, chunk.stop)
+            tiles_here, local = last - first, slice(first - chunk.start, last - chunk.start)
+            if chunk.shared:
                 rows = q_tiles[:, :, first:last].reshape(batch, hm, tiles_here * block, dim)
                 scores = torch.matmul(rows, k_chunk.transpose(-1, -2))
-                scores += bias[first:last, :, :w].reshape(tiles_here * block, w)
+                scores.masked_fill_(chunk.blocked[local].reshape(tiles_here * block, w), float("-inf"))
                 out = torch.matmul(torch.softmax(scores, dim=-1), v_chunk)
                 outs.append(out.reshape(batch, hm, tiles_here, block, dim))
                 continue
-            idx = slots[first:last, :w].reshape(-1)
+            idx = chunk.slots[local].reshape(-1)
             k_gathered = km.index_select(2, idx).reshape(batch, hm, tiles_here, w, dim)
             v_gathered = vm.index_select(2, idx).reshape(batch, hm, tiles_here, w, dim)
             scores = torch.matmul(q_tiles[:, :, first:last], k_gathered.transpose(-1, -2))
-            scores += bias[first:last, :, :w]  # 0 where allowed, -inf elsewhere; then one fused softmax
+            scores.masked_fill_(chunk.blocked[local], float("-inf"))  # then one fused softmax
             outs.append(torch.matmul(torch.softmax(scores, dim=-1), v_gathered))
-    out = torch.cat(outs, dim=2) * has_keys  # rows with no allowed key: 0, with gradient 0
+    out = torch.cat(outs, dim=2) * plan.has_keys.to(q.dtype)  # rows with no allowed key: 0, with gradient 0
     out = out.reshape(batch, hm, t * block, dim)[:, :, :n]
-    if positions is not None:
-        out = out[:, :, torch.argsort(positions)]
+    if plan.positions is not None:
+        out = out[:, :, torch.argsort(plan.positions)]
     return out
 
 
