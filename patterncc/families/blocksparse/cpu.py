@@ -52,10 +52,29 @@ def cpu_gather(layout, mask):
         classes, positions = layout.classes[mask], layout.positions_cpu[mask]
         if positions is not None:  # the kernels chose a permutation; the CPU may not
             natural = layout.natural_classes[mask]
-            if int((natural != tiles.EMPTY).sum()) < int((classes != tiles.EMPTY).sum()):
+            if _sampled_work(layout, mask, natural, None) < _sampled_work(layout, mask, classes, positions):
                 classes, positions = natural, None
         layout.cpu_plans[mask] = _plan(layout, mask, classes, positions)
     return layout.cpu_plans[mask]
+
+
+CPU_SAMPLED_TILES = 8  # query tiles whose compacted key lists estimate an order's work
+
+
+def _sampled_work(layout, mask, classes, positions):
+    """The CPU work of a visiting order (keys gathered per query row), estimated from the compacted key lists of
+    a few evenly spaced query tiles: what the CPU pays is keys actually seen, not tiles listed, and compacting
+    every tile of both orders would cost O(n^2) for a stride in natural order."""
+    n, t, block = layout.n, layout.num_tiles, layout.masks.block
+    counts, index = tiles.tile_lists(classes != tiles.EMPTY)
+    counts = counts.to(torch.int64)
+    pos = torch.arange(t * block, dtype=torch.int64)
+    if positions is not None:
+        pos[:n] = positions
+    real = torch.arange(t * block) < n
+    sample = sorted({(k * (t - 1)) // max(1, CPU_SAMPLED_TILES - 1) for k in range(min(t, CPU_SAMPLED_TILES))})
+    widths = [int(_compact(layout, mask, index[i:i + 1], counts[i:i + 1], i, pos, real)[2][0]) for i in sample]
+    return sum(widths) / len(widths)
 
 
 def _plan(layout, mask, classes, positions):
