@@ -207,29 +207,29 @@ def mutated_examples(draw):
     return bytes(data)
 
 
+def _parse_mutated(folder, data, analyze_at=None):
+    """Parse (and analyze) a mutated file: a result, or a PatternError with a message; nothing else."""
+    path = folder / "mutated.attn"
+    path.write_bytes(data)
+    with time_limit(INPUT_SECONDS, f"reading {data[:200]!r}"):
+        try:
+            for pattern in patterncc.parse_all(path).values():
+                if analyze_at is not None:
+                    analyze(pattern, analyze_at)
+        except PatternError as err:
+            assert str(err).strip()
+
+
 @FUZZ_PARSE
 @given(mutated_examples())
 def test_mutated_examples_parse_or_fail_with_a_pattern_error(tmp_path, data):
-    path = tmp_path / "mutated.attn"
-    path.write_bytes(data)
-    with time_limit(INPUT_SECONDS, f"parsing {data[:200]!r}"):
-        try:
-            patterncc.parse_all(path)
-        except PatternError as err:
-            assert str(err).strip()
+    _parse_mutated(tmp_path, data)
 
 
 @FUZZ_CHECK
 @given(mutated_examples())
 def test_mutated_examples_analyze_or_fail_with_a_pattern_error(tmp_path, data):
-    path = tmp_path / "mutated.attn"
-    path.write_bytes(data)
-    with time_limit(INPUT_SECONDS, f"analyzing {data[:200]!r}"):
-        try:
-            for pattern in patterncc.parse_all(path).values():
-                analyze(pattern, 64)
-        except PatternError as err:
-            assert str(err).strip()
+    _parse_mutated(tmp_path, data, analyze_at=64)
 
 
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=[p.stem for p in EXAMPLE_FILES])

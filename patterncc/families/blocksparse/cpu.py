@@ -65,26 +65,26 @@ def _sampled_work(layout, mask, classes, positions):
     """The CPU work of a visiting order (keys gathered per query row), estimated from the compacted key lists of
     a few evenly spaced query tiles: what the CPU pays is keys actually seen, not tiles listed, and compacting
     every tile of both orders would cost O(n^2) for a stride in natural order."""
-    n, t, block = layout.n, layout.num_tiles, layout.masks.block
-    counts, index = tiles.tile_lists(classes != tiles.EMPTY)
-    counts = counts.to(torch.int64)
-    pos = torch.arange(t * block, dtype=torch.int64)
-    if positions is not None:
-        pos[:n] = positions
-    real = torch.arange(t * block) < n
+    t = layout.num_tiles
+    counts, index, pos, real = _order(layout, classes, positions)
     sample = sorted({(k * (t - 1)) // max(1, CPU_SAMPLED_TILES - 1) for k in range(min(t, CPU_SAMPLED_TILES))})
     widths = [int(_compact(layout, mask, index[i:i + 1], counts[i:i + 1], i, pos, real)[2][0]) for i in sample]
     return sum(widths) / len(widths)
 
 
-def _plan(layout, mask, classes, positions):
+def _order(layout, classes, positions):
+    """(key tiles listed per query tile: counts, index; original position per slot; which slots exist)."""
     n, t, block = layout.n, layout.num_tiles, layout.masks.block
     counts, index = tiles.tile_lists(classes != tiles.EMPTY)
-    counts = counts.to(torch.int64)
     pos = torch.arange(t * block, dtype=torch.int64)
     if positions is not None:
         pos[:n] = positions
-    real = torch.arange(t * block) < n
+    return counts.to(torch.int64), index, pos, torch.arange(t * block) < n
+
+
+def _plan(layout, mask, classes, positions):
+    t, block = layout.num_tiles, layout.masks.block
+    counts, index, pos, real = _order(layout, classes, positions)
     chunks, has_keys = [], []
     start = 0
     while start < t:
