@@ -103,3 +103,18 @@ def test_cpu_planning_memory_is_not_quadratic(example):
     assert result.returncode == 0, result.stderr[-2000:]
     growth_mb = int(result.stdout.split()[-1])
     assert growth_mb < 300, f"{example}: planning at n = 16384 raised the peak memory by {growth_mb} MB"
+
+
+def test_compile_report_shows_the_modules_own_layout():
+    """The report beside a generated module reads the layout from the module itself: order, computed tiles and
+    work efficiency (allowed pairs / computed tile area)."""
+    from patterncc.driver import compile_pattern
+    from patterncc.report import compile_report, module_layout_stats
+
+    compiled = compile_pattern(patterncc.parse(EXAMPLES_DIR / "strided.attn"))
+    stats = module_layout_stats(compiled, 4096)
+    assert stats[1]["order"] == "transposed" and stats[1]["computed"] == 64
+    assert stats[1]["allowed"] == sum(i // 128 + 1 for i in range(4096))  # j <= i, (i - j) % 128 == 0
+    assert abs(stats[1]["efficiency"] - stats[1]["allowed"] / (64 * 64 * 64)) < 1e-12
+    report = compile_report(compiled, 4096)
+    assert "the module at n=4096: transposed order, 64 of 4096 tiles computed" in report
