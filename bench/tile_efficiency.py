@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import patterncc  # noqa: E402
-from patterncc.cache import import_file  # noqa: E402
 from patterncc.driver import compile_pattern  # noqa: E402
+from patterncc.report import module_layout_stats  # noqa: E402
 
 MERGED = {
     "strided-merged": "pattern strided_merged(l = 128) { causal; block 64; head a = strided(l) }",
@@ -29,24 +28,14 @@ MERGED = {
 SET_EXAMPLES = ["strided", "fixed", "local", "bigbird", "dilated"]
 
 
-def rows_for(label, source, n, folder):
+def rows_for(label, source, n):
+    """One row per mask: the layout the generated module builds at n (patterncc.report.module_layout_stats)."""
     compiled = compile_pattern(patterncc.parse(source))
-    path = folder / f"{compiled.module_name}.py"
-    path.write_text(compiled.source)
-    module = import_file(path, f"bench_eff_{compiled.module_name}_{n}")
-    layout = module.get_layout(n, "cpu")
-    block = module.BLOCK
-    out = []
-    for mask in range(module.NUM_MASKS):
-        plan = module.cpu_gather(layout, mask)
-        allowed = sum(int((~chunk.blocked).sum()) for chunk in plan.chunks)
-        allowed -= int((plan.has_keys == 0).sum())  # rows without keys carry one dummy key
-        computed = int((layout.classes[mask] != 0).sum())
-        order = "transposed" if layout.positions_cpu[mask] is not None else "natural"
-        heads = [h for h, m in zip(module.SET_HEADS, module.HEAD_MASKS) if m == mask]
-        efficiency = allowed / max(1, computed * block * block)
-        out.append((label, n, mask, heads, order, computed, allowed, efficiency))
-    return out
+    heads_of_mask = {}
+    for head, mask in zip(compiled.plan.set_heads, compiled.plan.head_masks):
+        heads_of_mask.setdefault(mask, []).append(head)
+    return [(label, n, mask, heads_of_mask[mask], run["order"], run["computed"], run["allowed"], run["efficiency"])
+            for mask, run in module_layout_stats(compiled, n).items()]
 
 
 def main() -> None:
@@ -54,9 +43,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--markdown", type=Path, help="also write the table as Markdown to this file")
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="patterncc-eff-"))
     sources = {name: ROOT / "examples" / f"{name}.attn" for name in SET_EXAMPLES} | MERGED
-    rows = [row for n in args.n for label, source in sources.items() for row in rows_for(label, source, n, folder)]
+    rows = [row for n in args.n for label, source in sources.items() for row in rows_for(label, source, n)]
     header = "| pattern | n | mask | heads | order | computed tiles | allowed pairs | efficiency |"
     lines = [header, "|---|---:|---:|---|---|---:|---:|---:|"]
     for label, n, mask, heads, order, computed, allowed, efficiency in rows:

@@ -162,6 +162,7 @@ def library_definitions() -> tuple[Definition, ...]:
 class Assembled:
     imports: tuple[str, ...]  # standard-library imports the copied definitions need, sorted
     text: str  # the definitions
+    names: frozenset[str]  # the top-level names they define
 
 
 def assemble(roots: set[str], hooks: frozenset[str] = HOOKS, constants: dict[str, tuple] | None = None,
@@ -196,7 +197,7 @@ def assemble(roots: set[str], hooks: frozenset[str] = HOOKS, constants: dict[str
     needed = {stdlib[name] for d in definitions for name in d.reads if name in stdlib}
     needed |= {stdlib[name] for name in roots if name in stdlib}
     imports = sorted(needed, key=lambda line: (line.startswith("from"), line))
-    return Assembled(tuple(imports), _layout_text(definitions))
+    return Assembled(tuple(imports), _layout_text(definitions), frozenset().union(*(d.binds for d in definitions)))
 
 
 def _specialized(definition: Definition, constants: dict[str, tuple], values: dict[str, tuple]) -> Definition:
@@ -287,11 +288,11 @@ def _layout_text(definitions: list[Definition]) -> str:
     previous: Definition | None = None
     block: list[str] = []  # statements of the current source
 
-    def flush(source: LibrarySource | None):
+    def flush(source: LibrarySource):
         if not block:
             return
         text = "".join(block).rstrip("\n") + "\n"
-        if source is not None and source.needs_triton:
+        if source.needs_triton:
             indented = "".join(("    " + line if line.strip() else line) for line in text.splitlines(keepends=True))
             text = "if triton is not None:\n" + indented
         out.append(f"# From patterncc/{source.path}\n\n" + text)

@@ -375,7 +375,7 @@ def render(kernel_plan: KernelPlan, key: str) -> str:
     constants = {"FEATURE": feature_maps, "FAVOR": tuple({m == "favor" for m in feature_maps})}
     library = assemble(_global_reads(skeleton), constants=constants if feature_maps else None,
                        values={"LINEAR_FEATURE_MAPS": feature_maps} if feature_maps else None)
-    public = _public_names(kernel_plan, library.text)
+    public = _public_names(kernel_plan, context, library.names)
     source = template.render(**context, library=library.text.rstrip("\n"), stdlib_imports=library.imports,
                              public_names=_format_list(public))
     return source
@@ -386,19 +386,15 @@ _LIBRARY_ENTRY_POINTS = ("CONFIG_OVERRIDE", "blocksparse_attention", "lsh_attent
                          "linear_attention", "linear_favor_projection")
 
 
-def _public_names(kernel_plan: KernelPlan, library_text: str) -> list[str]:
+def _public_names(kernel_plan: KernelPlan, context: dict, library_names: frozenset[str]) -> list[str]:
     names = [kernel_plan.class_name, "attention", "NUM_HEADS", "HEAD_FAMILIES", "CAUSAL", "PATTERN_KEY"]
     if kernel_plan.masks:
         names += ["SET_HEADS", "PATTERN_MASKS", "get_layout"]
-    if kernel_plan.hashed_calls or any(c.feature_map == "favor" for c in kernel_plan.kernel_calls):
+    if context["buffer_names"]:
         names += ["BUFFERS", "default_buffers"]
-    if kernel_plan.families == ("kernel",) and kernel_plan.causal:
+    if context["can_step"]:
         names += ["init_state", "step"]
-    defined = {node.name if hasattr(node, "name") else None for node in ast.walk(ast.parse(library_text))
-               if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-    defined |= {t.id for node in ast.parse(library_text).body if isinstance(node, ast.Assign)
-                for t in node.targets if isinstance(t, ast.Name)}
-    return names + [name for name in _LIBRARY_ENTRY_POINTS if name in defined]
+    return names + [name for name in _LIBRARY_ENTRY_POINTS if name in library_names]
 
 
 def _format_list(names: list[str]) -> str:

@@ -57,7 +57,7 @@ def test_integer_inputs_are_rejected_on_every_path(mixed, backend):
     with pytest.raises(ValueError, match="must be floating point"):
         lsh_attention(q[:, :1], q[:, :1], q[:, :1], lsh_rotations(1, 1, 16, 4, seed=0), 8, True, False,
                       backend=backend)
-    with pytest.raises(ValueError, match="floating-point"):
+    with pytest.raises(ValueError, match="must be floating point"):
         linear_attention(q[:, :1], q[:, :1], q[:, :1], "elu1", 1e-6, True, backend=backend)
 
 

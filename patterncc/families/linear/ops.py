@@ -39,8 +39,8 @@ from ..shared.launch import (
     TRITON_HEAD_DIMS,
     aot_configs,
     aot_signature,
-    check_4d,
     check_backend,
+    check_one_shape,
     check_triton_inputs,
     launch_kernel,
     uses_triton,
@@ -264,16 +264,7 @@ def _linear_check(q, k, v, feature_map, eps, causal, projection, backend):
     check_backend(backend)
     if feature_map not in LINEAR_FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {LINEAR_FEATURE_MAPS}, got {feature_map!r}")
-    check_4d(q=q, k=k, v=v)
-    if q.shape != k.shape or q.shape != v.shape:
-        raise ValueError(f"q, k, v must have one shape (expand grouped-query heads first), got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.dtype != k.dtype or q.dtype != v.dtype or not q.dtype.is_floating_point:
-        raise ValueError(f"q, k, v must have one floating-point dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.device != k.device or q.device != v.device:
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape[2] == 0:
-        raise ValueError("the sequence length must be positive")
+    check_one_shape(q=q, k=k, v=v)
     if not isinstance(causal, bool):
         raise ValueError(f"causal must be True or False, got {causal!r}")
     if not isinstance(eps, (int, float)) or not eps >= 0 or math.isinf(eps):

@@ -32,8 +32,8 @@ from ..shared.launch import (
     TRITON_HEAD_DIMS,
     aot_configs,
     aot_signature,
-    check_4d,
     check_backend,
+    check_one_shape,
     check_triton_inputs,
     config_chain,
     dot_precision,
@@ -218,20 +218,8 @@ class _LshTritonAttention(torch.autograd.Function):
 
 def _lsh_check(q, k, v, rotations, chunk, shared_qk, backend):
     check_backend(backend)
-    tensors = dict(q=q, v=v) if shared_qk else dict(q=q, k=k, v=v)
-    check_4d(**tensors)
-    for name, x in tensors.items():
-        if x.shape != q.shape:
-            raise ValueError(f"q, k and v must have one shape (expand grouped-query heads first), got q "
-                             f"{tuple(q.shape)} and {name} {tuple(x.shape)}")
-        if not x.dtype.is_floating_point:
-            raise ValueError(f"{name} must be floating point (float16, bfloat16, float32 or float64), got {x.dtype}")
-        if x.dtype != q.dtype or x.device != q.device:
-            raise ValueError(f"q and {name} must have one dtype and device, got {q.dtype} on {q.device} and "
-                             f"{x.dtype} on {x.device}")
+    check_one_shape(**(dict(q=q, v=v) if shared_qk else dict(q=q, k=k, v=v)))
     _batch, heads, n, dim = q.shape
-    if n == 0:
-        raise ValueError("the sequence length must be positive")
     if not isinstance(rotations, torch.Tensor) or rotations.dim() != 4:
         raise ValueError(f"rotations must be a 4-D tensor (heads, rounds, head_dim, buckets // 2), got "
                          f"{tuple(rotations.shape) if isinstance(rotations, torch.Tensor) else type(rotations)}")

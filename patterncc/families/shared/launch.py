@@ -117,6 +117,25 @@ def check_4d(**tensors):
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
 
 
+def check_one_shape(**tensors):
+    """The inputs of families whose kernels take no grouped-query attention (hashed and kernel heads): 4-D
+    tensors of one shape, one floating-point dtype and one device, with a positive sequence length."""
+    check_4d(**tensors)
+    (first_name, first), *others = tensors.items()
+    for name, x in others:
+        if x.shape != first.shape:
+            raise ValueError(f"q, k, v must have one shape (expand grouped-query heads first), got {first_name} "
+                             f"{tuple(first.shape)} and {name} {tuple(x.shape)}")
+    for name, x in tensors.items():
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"{name} must be floating point (float16, bfloat16, float32 or float64), got {x.dtype}")
+        if x.dtype != first.dtype or x.device != first.device:
+            raise ValueError(f"{first_name} and {name} must have one dtype and device, got {first.dtype} on "
+                             f"{first.device} and {x.dtype} on {x.device}")
+    if first.shape[2] == 0:
+        raise ValueError("the sequence length must be positive")
+
+
 def check_triton_inputs(q, head_dims):
     """What every family's Triton kernels need of q (k and v were checked against q)."""
     if triton is None:
