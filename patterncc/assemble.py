@@ -169,10 +169,10 @@ def assemble(roots: set[str], hooks: frozenset[str] = HOOKS, constants: dict[str
              values: dict[str, tuple] | None = None) -> Assembled:
     """The library definitions that `roots` need (transitively), as source text for a generated module.
 
-    constants: for a kernel constexpr, the values this module's launches give it (e.g. FEATURE: ("elu1",)):
-    Triton kernels' `if` branches no value can take are dropped (Triton would drop them at compile time too, so
-    the compiled code is the same). values: module-level tuples narrowed to what the module supports (e.g.
-    LINEAR_FEATURE_MAPS), so no call can reach a dropped branch."""
+    constants: for a kernel constexpr or a library flag, the values this module gives it (e.g. FEATURE:
+    ("elu1",), PERMUTED_ORDERS: (False,)): `if` branches no value can take are dropped (in kernels Triton would
+    drop them at compile time too, so the compiled code is the same). values: module-level tuples narrowed to what
+    the module supports (e.g. LINEAR_FEATURE_MAPS), so no call can reach a dropped branch."""
     by_name: dict[str, Definition] = {}
     for definition in library_definitions():
         for name in definition.binds:
@@ -207,7 +207,7 @@ def _specialized(definition: Definition, constants: dict[str, tuple], values: di
         text = f"{name} = {values[name]!r}  # what this module's kernels were generated for\n"
         return Definition(definition.source, definition.order, definition.binds, definition.reads, text,
                           definition.gap)
-    if not definition.source.needs_triton or not constants:
+    if not constants or not definition.reads & set(constants):
         return definition
     text = definition.text
     while True:
@@ -227,7 +227,10 @@ def _specialized(definition: Definition, constants: dict[str, tuple], values: di
 
 
 def _decide(test: ast.expr, constants: dict[str, tuple]) -> bool | None:
-    """The value of an `if` test over one constexpr, when every value the constexpr takes gives the same."""
+    """The value of an `if` test over one constant, when every value the constant takes gives the same; an `and`
+    is false when one of its operands is."""
+    if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And):
+        return False if any(_decide(operand, constants) is False for operand in test.values) else None
     if isinstance(test, ast.Name) and test.id in constants:
         outcomes = {bool(v) for v in constants[test.id]}
     elif isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not) and isinstance(test.operand, ast.Name) \

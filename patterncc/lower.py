@@ -372,8 +372,11 @@ def render(kernel_plan: KernelPlan, key: str) -> str:
     skeleton = template.render(**context, library="", stdlib_imports=(), public_names="[]")
     # Kernel heads: only the feature maps this pattern uses reach the kernels (and the module's checks).
     feature_maps = tuple(sorted({call.feature_map for call in kernel_plan.kernel_calls}))
-    constants = {"FEATURE": feature_maps, "FAVOR": tuple({m == "favor" for m in feature_maps})}
-    library = assemble(_global_reads(skeleton), constants=constants if feature_maps else None,
+    constants = {"FEATURE": feature_maps, "FAVOR": tuple({m == "favor" for m in feature_maps})} if feature_maps else {}
+    # Set heads: without a candidate visiting order, the permutation code of the layout, CPU path and kernels goes.
+    permuted = bool(context["permuted_masks"])
+    constants.update(PERMUTED=(permuted,), PERMUTED_ORDERS=(permuted,))
+    library = assemble(_global_reads(skeleton), constants=constants,
                        values={"LINEAR_FEATURE_MAPS": feature_maps} if feature_maps else None)
     public = _public_names(kernel_plan, context, library.names)
     source = template.render(**context, library=library.text.rstrip("\n"), stdlib_imports=library.imports,

@@ -108,10 +108,6 @@ def head_layout(bound: ir.Bound, pairs, tile_m: int | None = None, tile_n: int |
     n = bound.n
     tile_m = tile_m or bound.block
     tile_n = tile_n or bound.block
-    if positions is None:
-        q_tiles, k_tiles = tiles.natural_tiles(n, tile_m), tiles.natural_tiles(n, tile_n)
-    else:
-        q_tiles, k_tiles = tiles.tile_positions(positions, n, tile_m), tiles.tile_positions(positions, n, tile_n)
     causal = bound.pattern.causal
     prepared = []
     for group, h in pairs:
@@ -129,7 +125,13 @@ def head_layout(bound: ir.Bound, pairs, tile_m: int | None = None, tile_n: int |
             pred = tiles.and_(pred, tiles.compare("<=", j, i))
         return pred
 
-    classes = tiles.classify_tiles(predicate, q_tiles, k_tiles, n, tile_m, tile_n, _ROWS_PER_CHUNK)
+    if positions is None:
+        classes = tiles.classify_tiles(predicate, tiles.natural_tiles(n, tile_m), tiles.natural_tiles(n, tile_n), n,
+                                       tile_m, tile_n, _ROWS_PER_CHUNK)
+    else:
+        classes = tiles.classify_tile_pieces(predicate, tiles.tile_positions(positions, n, tile_m),
+                                             tiles.tile_positions(positions, n, tile_n), n, tile_m, tile_n,
+                                             _ROWS_PER_CHUNK)
     return BlockLayout(classes, tile_m, tile_n, n)
 
 

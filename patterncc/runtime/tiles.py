@@ -345,52 +345,57 @@ def single_threaded():
         torch.set_num_threads(threads)
 
 
-def _as_pieces(tiles_or_pieces) -> list[tuple[SI, torch.Tensor | None]]:
-    if isinstance(tiles_or_pieces, TilePieces):
-        return tiles_or_pieces.pieces
-    return [(tiles_or_pieces, None)]
+def _query_rows(tiles_: SI, start: int, stop: int) -> SI:
+    return SI(tiles_.lo[start:stop, None], tiles_.hi[start:stop, None], tiles_.st[start:stop, None])
 
 
-def classify_tiles(predicate, q_tiles, k_tiles, n: int, tile_m: int, tile_n: int,
-                   rows_per_chunk: int = 256) -> torch.Tensor:
-    """int8 classes (num_q_tiles, num_k_tiles) of `predicate(i, j)` (i, j strided intervals per tile).
+def _key_columns(tiles_: SI) -> SI:
+    return SI(tiles_.lo[None, :], tiles_.hi[None, :], tiles_.st[None, :])
 
-    q_tiles and k_tiles are SI (one interval per tile) or TilePieces: a tile pair is EMPTY when every pair of its
-    pieces is, FULL when every pair is. Chunked over query tiles to bound memory. A tile holding padding slots
-    (past n) is never FULL, so FULL tiles need no mask of any kind in a kernel.
-    """
-    q_pieces, k_pieces = _as_pieces(q_tiles), _as_pieces(k_tiles)
-    num_q, num_k = q_pieces[0][0].lo.shape[0], k_pieces[0][0].lo.shape[0]
-    classes = torch.empty(num_q, num_k, dtype=torch.int8)
-    with single_threaded():
-        for start in range(0, num_q, rows_per_chunk):
-            stop = min(start + rows_per_chunk, num_q)
-            if len(q_pieces) == 1 and len(k_pieces) == 1 and q_pieces[0][1] is None and k_pieces[0][1] is None:
-                (q_piece, _), (k_piece, _) = q_pieces[0], k_pieces[0]
-                i = SI(q_piece.lo[start:stop, None], q_piece.hi[start:stop, None], q_piece.st[start:stop, None])
-                j = SI(k_piece.lo[None, :], k_piece.hi[None, :], k_piece.st[None, :])
-                classes[start:stop] = classify(predicate(i, j)).expand(stop - start, num_k)
-                continue
-            may_true = torch.zeros(stop - start, num_k, dtype=torch.bool)
-            may_false = torch.zeros(stop - start, num_k, dtype=torch.bool)
-            for q_piece, q_valid in q_pieces:
-                i = SI(q_piece.lo[start:stop, None], q_piece.hi[start:stop, None], q_piece.st[start:stop, None])
-                for k_piece, k_valid in k_pieces:
-                    j = SI(k_piece.lo[None, :], k_piece.hi[None, :], k_piece.st[None, :])
-                    piece_true, piece_false = predicate(i, j)
-                    present = torch.ones(stop - start, num_k, dtype=torch.bool)
-                    if q_valid is not None:
-                        present &= q_valid[start:stop, None]
-                    if k_valid is not None:
-                        present &= k_valid[None, :]
-                    may_true |= piece_true & present
-                    may_false |= piece_false & present
-            classes[start:stop] = classify((may_true, may_false))
+
+def _never_full_past_n(classes: torch.Tensor, n: int, tile_m: int, tile_n: int) -> torch.Tensor:
+    # A tile holding padding slots (past n) is never FULL, so FULL tiles need no mask of any kind in a kernel.
     if n % tile_m:
         classes[-1][classes[-1] == FULL] = PARTIAL
     if n % tile_n:
         classes[:, -1][classes[:, -1] == FULL] = PARTIAL
     return classes
+
+
+def classify_tiles(predicate, q_tiles: SI, k_tiles: SI, n: int, tile_m: int, tile_n: int,
+                   rows_per_chunk: int = 256) -> torch.Tensor:
+    """int8 classes (num_q_tiles, num_k_tiles) of `predicate(i, j)` (i, j strided intervals per tile), for tiles
+    given as one strided interval each (`natural_tiles`). Chunked over query tiles to bound memory."""
+    num_q, num_k = q_tiles.lo.shape[0], k_tiles.lo.shape[0]
+    classes = torch.empty(num_q, num_k, dtype=torch.int8)
+    with single_threaded():
+        for start in range(0, num_q, rows_per_chunk):
+            stop = min(start + rows_per_chunk, num_q)
+            i, j = _query_rows(q_tiles, start, stop), _key_columns(k_tiles)
+            classes[start:stop] = classify(predicate(i, j)).expand(stop - start, num_k)
+    return _never_full_past_n(classes, n, tile_m, tile_n)
+
+
+def classify_tile_pieces(predicate, q_tiles, k_tiles, n: int, tile_m: int, tile_n: int,
+                         rows_per_chunk: int = 256) -> torch.Tensor:
+    """As `classify_tiles`, for tiles given as TilePieces (`tile_positions`): a tile pair is EMPTY when every pair
+    of its pieces is, FULL when every pair is."""
+    num_q, num_k = q_tiles.num_tiles, k_tiles.num_tiles
+    classes = torch.empty(num_q, num_k, dtype=torch.int8)
+    with single_threaded():
+        for start in range(0, num_q, rows_per_chunk):
+            stop = min(start + rows_per_chunk, num_q)
+            may_true = torch.zeros(stop - start, num_k, dtype=torch.bool)
+            may_false = torch.zeros(stop - start, num_k, dtype=torch.bool)
+            for q_piece, q_valid in q_tiles.pieces:
+                i = _query_rows(q_piece, start, stop)
+                for k_piece, k_valid in k_tiles.pieces:
+                    piece_true, piece_false = predicate(i, _key_columns(k_piece))
+                    present = q_valid[start:stop, None] & k_valid[None, :]
+                    may_true |= piece_true & present
+                    may_false |= piece_false & present
+            classes[start:stop] = classify((may_true, may_false))
+    return _never_full_past_n(classes, n, tile_m, tile_n)
 
 
 # A grid permutation is used for a sequence length only where it at least halves the tiles computed there (the

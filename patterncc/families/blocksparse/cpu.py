@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from ...runtime import tiles
+from .layout import PERMUTED_ORDERS
 
 CPU_CHUNK = 16  # query tiles per chunk of the CPU path at most: widths that grow along a sequence are padded little
 # Share a chunk's keys when that computes at most this factor more pairs: one gather and one larger matmul per
@@ -50,7 +51,7 @@ def cpu_gather(layout, mask):
     summary cells). Planning evaluates the predicate only on listed tiles, in steps of bounded size."""
     if mask not in layout.cpu_plans:
         classes, positions = layout.classes[mask], layout.positions_cpu[mask]
-        if positions is not None:  # the kernels chose a permutation; the CPU may not
+        if PERMUTED_ORDERS and positions is not None:  # the kernels chose a permutation; the CPU may not
             natural = layout.natural_classes[mask]
             if _sampled_work(layout, mask, natural, None) < _sampled_work(layout, mask, classes, positions):
                 classes, positions = natural, None
@@ -77,7 +78,7 @@ def _order(layout, classes, positions):
     n, t, block = layout.n, layout.num_tiles, layout.masks.block
     counts, index = tiles.tile_lists(classes != tiles.EMPTY)
     pos = torch.arange(t * block, dtype=torch.int64)
-    if positions is not None:
+    if PERMUTED_ORDERS and positions is not None:
         pos[:n] = positions
     return counts.to(torch.int64), index, pos, torch.arange(t * block) < n
 
@@ -156,7 +157,7 @@ def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv):
     batch, dim = q.shape[0], q.shape[-1]
     head_index = torch.tensor(heads, device=q.device)
     qm, km, vm = q[:, head_index] * scale, k[:, head_index // q_per_kv], v[:, head_index // q_per_kv]
-    if plan.positions is not None:
+    if PERMUTED_ORDERS and plan.positions is not None:
         qm, km, vm = qm[:, :, plan.positions], km[:, :, plan.positions], vm[:, :, plan.positions]
     pad = t * block - n
     if pad:
@@ -187,7 +188,7 @@ def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv):
             outs.append(torch.matmul(torch.softmax(scores, dim=-1), v_gathered))
     out = torch.cat(outs, dim=2) * plan.has_keys.to(q.dtype)  # rows with no allowed key: 0, with gradient 0
     out = out.reshape(batch, hm, t * block, dim)[:, :, :n]
-    if plan.positions is not None:
+    if PERMUTED_ORDERS and plan.positions is not None:
         out = out[:, :, torch.argsort(plan.positions)]
     return out
 

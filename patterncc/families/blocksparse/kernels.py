@@ -12,7 +12,17 @@ Prefixes: b_ block values, p_ pointers, o_ offsets, m_ masks.
 import triton
 import triton.language as tl
 
-from ..shared.kernels import online_softmax_finish, online_softmax_update
+from ..shared.kernels import (
+    head_rows,
+    load_row_stats,
+    load_rows,
+    load_rows_t,
+    online_softmax_finish,
+    online_softmax_update,
+    row_block,
+    softmax_bwd_kv,
+    softmax_bwd_q,
+)
 
 
 @triton.jit
@@ -52,17 +62,14 @@ def blocksparse_fwd_inner(acc, l_i, m_i, b_q, p_k_head, p_v_head, stride_kn, str
         row, o_i, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr,
         IS_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
-    o_d = tl.arange(0, HEAD_DIM)
     SPLIT: tl.constexpr = LAYOUT_BLOCK // BLOCK_N  # kernel tiles per layout tile
     count = tl.load(COUNT + row)
     for t in range(0, count * SPLIT):
         kb = tl.load(INDEX + row * width + t // SPLIT)
         o_j, m_n = blocksparse_positions(kb * LAYOUT_BLOCK + (t % SPLIT) * BLOCK_N, n_ctx, POSITIONS, mask_id,
                                          BLOCK_N, PERMUTED)
-        p_kT = p_k_head + o_j.to(tl.int64)[None, :] * stride_kn + o_d[:, None]
-        p_v = p_v_head + o_j.to(tl.int64)[:, None] * stride_vn + o_d[None, :]
-        b_kT = tl.load(p_kT, mask=m_n[None, :], other=0.0)  # [HEAD_DIM, BLOCK_N]
-        b_v = tl.load(p_v, mask=m_n[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+        b_kT = load_rows_t(p_k_head, o_j, m_n, stride_kn, HEAD_DIM)  # [HEAD_DIM, BLOCK_N]
+        b_v = load_rows(p_v_head, o_j, m_n, stride_vn, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
         b_s = tl.dot(b_q, b_kT, input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
         if IS_PARTIAL:
             m_allowed = pattern_allowed(o_i[:, None], o_j[None, :], mask_id, n_ctx, RANDOM, NUM_BLOCKS, PARAMS,
@@ -89,12 +96,9 @@ def blocksparse_fwd_kernel(
     b, hq, hkv, mask_id = blocksparse_program_head(pid_bh, num_q_heads, q_per_kv, q_per_head, HEAD_MASK)
 
     o_i, m_m = blocksparse_positions(pid_m * BLOCK_M, n_ctx, POSITIONS, mask_id, BLOCK_M, PERMUTED)
-    o_d = tl.arange(0, HEAD_DIM)
-    p_q = Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh + o_i.to(tl.int64)[:, None] * stride_qn \
-        + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
-    p_k_head = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
-    p_v_head = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
+    b_q = load_rows(head_rows(Q, b, hq, stride_qb, stride_qh), o_i, m_m, stride_qn, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+    p_k_head = head_rows(K, b, hkv, stride_kb, stride_kh)
+    p_v_head = head_rows(V, b, hkv, stride_vb, stride_vh)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -110,40 +114,33 @@ def blocksparse_fwd_kernel(
         HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, True, DOT_PRECISION, LAYOUT_BLOCK)
 
     acc, b_lse = online_softmax_finish(acc, l_i, m_i, float("inf"))
-    p_o = O + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + o_i.to(tl.int64)[:, None] * stride_on \
-        + o_d[None, :]
+    p_o = row_block(head_rows(O, b, hq, stride_ob, stride_oh), o_i, stride_on, HEAD_DIM)
     tl.store(p_o, acc.to(O.dtype.element_ty), mask=m_m[:, None])
     tl.store(LSE + pid_bh.to(tl.int64) * n_ctx + o_i, b_lse, mask=m_m)
 
 
 @triton.jit
-def blocksparse_bwd_dkdv_inner(dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_head, p_lse_head, p_delta_head,
+def blocksparse_bwd_dkdv_inner(dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_head, LSE, DELTA, row_base,
         stride_qn, stride_don, COUNT, INDEX, width, row, mask_id, n_ctx, POSITIONS, RANDOM,
         NUM_BLOCKS, PARAMS, sm_scale_log2, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr, IS_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
         LAYOUT_BLOCK: tl.constexpr):
-    o_d = tl.arange(0, HEAD_DIM)
     SPLIT: tl.constexpr = LAYOUT_BLOCK // BLOCK_M
     count = tl.load(COUNT + row)
     for t in range(0, count * SPLIT):
         qb = tl.load(INDEX + row * width + t // SPLIT)
         o_i, m_m = blocksparse_positions(qb * LAYOUT_BLOCK + (t % SPLIT) * BLOCK_M, n_ctx, POSITIONS, mask_id,
                                          BLOCK_M, PERMUTED)
-        b_q = tl.load(p_q_head + o_i.to(tl.int64)[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
-        b_do = tl.load(p_do_head + o_i.to(tl.int64)[:, None] * stride_don + o_d[None, :], mask=m_m[:, None],
-                       other=0.0)
-        b_lse = tl.load(p_lse_head + o_i, mask=m_m, other=float("inf"))  # [BLOCK_M]
-        b_delta = tl.load(p_delta_head + o_i, mask=m_m, other=0.0)
+        b_q = load_rows(p_q_head, o_i, m_m, stride_qn, HEAD_DIM)
+        b_do = load_rows(p_do_head, o_i, m_m, stride_don, HEAD_DIM)
+        b_lse, b_delta = load_row_stats(LSE, DELTA, row_base, o_i, m_m)  # [BLOCK_M]
         b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_N, BLOCK_M]
         b_pT = tl.math.exp2(b_sT - b_lse[None, :])
         if IS_PARTIAL:
             m_allowedT = pattern_allowed(o_i[None, :], o_j[:, None], mask_id, n_ctx, RANDOM, NUM_BLOCKS, PARAMS,
                                          BLOCK_N, BLOCK_M)
             b_pT = tl.where(m_allowedT & m_n[:, None], b_pT, 0.0)
-        dv += tl.dot(b_pT.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-        b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        b_dsT = b_pT * (b_dpT - b_delta[None, :])
-        dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+        dk, dv = softmax_bwd_kv(dk, dv, b_pT, b_q, b_v, b_do, b_delta, DOT_PRECISION)
     return dk, dv
 
 
@@ -167,36 +164,29 @@ def blocksparse_bwd_dkdv_kernel(
     b, hq, hkv, mask_id = blocksparse_program_head(pid_bh, num_q_heads, q_per_kv, q_per_head, HEAD_MASK)
 
     o_j, m_n = blocksparse_positions(pid_n * BLOCK_N, n_ctx, POSITIONS, mask_id, BLOCK_N, PERMUTED)
-    o_d = tl.arange(0, HEAD_DIM)
-    p_k = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh + o_j.to(tl.int64)[:, None] * stride_kn \
-        + o_d[None, :]
-    p_v = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh + o_j.to(tl.int64)[:, None] * stride_vn \
-        + o_d[None, :]
-    b_k = tl.load(p_k, mask=m_n[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-    b_v = tl.load(p_v, mask=m_n[:, None], other=0.0)
+    # [BLOCK_N, HEAD_DIM] each
+    b_k = load_rows(head_rows(K, b, hkv, stride_kb, stride_kh), o_j, m_n, stride_kn, HEAD_DIM)
+    b_v = load_rows(head_rows(V, b, hkv, stride_vb, stride_vh), o_j, m_n, stride_vn, HEAD_DIM)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
 
-    p_q_head = Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
-    p_do_head = DO + b.to(tl.int64) * stride_dob + hq.to(tl.int64) * stride_doh
-    p_lse_head = LSE + pid_bh.to(tl.int64) * n_ctx
-    p_delta_head = DELTA + pid_bh.to(tl.int64) * n_ctx
+    p_q_head = head_rows(Q, b, hq, stride_qb, stride_qh)
+    p_do_head = head_rows(DO, b, hq, stride_dob, stride_doh)
+    row_base = pid_bh.to(tl.int64) * n_ctx
     row = mask_id.to(tl.int64) * num_k_tiles + pid_n * BLOCK_N // LAYOUT_BLOCK
     dk, dv = blocksparse_bwd_dkdv_inner(
-        dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_head, p_lse_head, p_delta_head, stride_qn, stride_don,
+        dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_head, LSE, DELTA, row_base, stride_qn, stride_don,
         FULL_COUNT_T, FULL_INDEX_T, full_width_t, row, mask_id, n_ctx, POSITIONS, RANDOM,
         NUM_BLOCKS, PARAMS, sm_scale_log2, HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, False, DOT_PRECISION,
         LAYOUT_BLOCK)
     dk, dv = blocksparse_bwd_dkdv_inner(
-        dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_head, p_lse_head, p_delta_head, stride_qn, stride_don,
+        dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_head, LSE, DELTA, row_base, stride_qn, stride_don,
         PART_COUNT_T, PART_INDEX_T, part_width_t, row, mask_id, n_ctx, POSITIONS, RANDOM,
         NUM_BLOCKS, PARAMS, sm_scale_log2, HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, True, DOT_PRECISION,
         LAYOUT_BLOCK)
 
-    p_dk = DK + b.to(tl.int64) * stride_dkb + hq.to(tl.int64) * stride_dkh \
-        + o_j.to(tl.int64)[:, None] * stride_dkn + o_d[None, :]
-    p_dv = DV + b.to(tl.int64) * stride_dvb + hq.to(tl.int64) * stride_dvh \
-        + o_j.to(tl.int64)[:, None] * stride_dvn + o_d[None, :]
+    p_dk = row_block(head_rows(DK, b, hq, stride_dkb, stride_dkh), o_j, stride_dkn, HEAD_DIM)
+    p_dv = row_block(head_rows(DV, b, hq, stride_dvb, stride_dvh), o_j, stride_dvn, HEAD_DIM)
     tl.store(p_dk, (dk * sm_scale).to(DK.dtype.element_ty), mask=m_n[:, None])
     tl.store(p_dv, dv.to(DV.dtype.element_ty), mask=m_n[:, None])
 
@@ -206,26 +196,21 @@ def blocksparse_bwd_dq_inner(dq, b_q, b_do, b_lse, b_delta, o_i, p_k_head, p_v_h
         COUNT, INDEX, width, row, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr,
         IS_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
-    o_d = tl.arange(0, HEAD_DIM)
     SPLIT: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
     count = tl.load(COUNT + row)
     for t in range(0, count * SPLIT):
         kb = tl.load(INDEX + row * width + t // SPLIT)
         o_j, m_n = blocksparse_positions(kb * LAYOUT_BLOCK + (t % SPLIT) * BLOCK_N, n_ctx, POSITIONS, mask_id,
                                          BLOCK_N, PERMUTED)
-        b_k = tl.load(p_k_head + o_j.to(tl.int64)[:, None] * stride_kn + o_d[None, :], mask=m_n[:, None],
-                      other=0.0)  # [BLOCK_N, HEAD_DIM]
-        b_vT = tl.load(p_v_head + o_j.to(tl.int64)[None, :] * stride_vn + o_d[:, None], mask=m_n[None, :],
-                       other=0.0)  # [HEAD_DIM, BLOCK_N]
+        b_k = load_rows(p_k_head, o_j, m_n, stride_kn, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+        b_vT = load_rows_t(p_v_head, o_j, m_n, stride_vn, HEAD_DIM)  # [HEAD_DIM, BLOCK_N]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
         b_p = tl.math.exp2(b_s - b_lse[:, None])
         if IS_PARTIAL:
             m_allowed = pattern_allowed(o_i[:, None], o_j[None, :], mask_id, n_ctx, RANDOM, NUM_BLOCKS, PARAMS,
                                         BLOCK_M, BLOCK_N)
             b_p = tl.where(m_allowed & m_n[None, :], b_p, 0.0)
-        b_dp = tl.dot(b_do, b_vT, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+        dq = softmax_bwd_q(dq, b_p, b_k, b_vT, b_do, b_delta, DOT_PRECISION)
     return dq
 
 
@@ -245,15 +230,11 @@ def blocksparse_bwd_dq_kernel(
     b, hq, hkv, mask_id = blocksparse_program_head(pid_bh, num_q_heads, q_per_kv, q_per_head, HEAD_MASK)
 
     o_i, m_m = blocksparse_positions(pid_m * BLOCK_M, n_ctx, POSITIONS, mask_id, BLOCK_M, PERMUTED)
-    o_d = tl.arange(0, HEAD_DIM)
-    b_q = tl.load(Q + b.to(tl.int64) * stride_qb + hq.to(tl.int64) * stride_qh
-                  + o_i.to(tl.int64)[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
-    b_do = tl.load(DO + b.to(tl.int64) * stride_dob + hq.to(tl.int64) * stride_doh
-                   + o_i.to(tl.int64)[:, None] * stride_don + o_d[None, :], mask=m_m[:, None], other=0.0)
-    b_lse = tl.load(LSE + pid_bh.to(tl.int64) * n_ctx + o_i, mask=m_m, other=float("inf"))
-    b_delta = tl.load(DELTA + pid_bh.to(tl.int64) * n_ctx + o_i, mask=m_m, other=0.0)
-    p_k_head = K + b.to(tl.int64) * stride_kb + hkv.to(tl.int64) * stride_kh
-    p_v_head = V + b.to(tl.int64) * stride_vb + hkv.to(tl.int64) * stride_vh
+    b_q = load_rows(head_rows(Q, b, hq, stride_qb, stride_qh), o_i, m_m, stride_qn, HEAD_DIM)
+    b_do = load_rows(head_rows(DO, b, hq, stride_dob, stride_doh), o_i, m_m, stride_don, HEAD_DIM)
+    b_lse, b_delta = load_row_stats(LSE, DELTA, pid_bh.to(tl.int64) * n_ctx, o_i, m_m)
+    p_k_head = head_rows(K, b, hkv, stride_kb, stride_kh)
+    p_v_head = head_rows(V, b, hkv, stride_vb, stride_vh)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     row = mask_id.to(tl.int64) * num_q_tiles + pid_m * BLOCK_M // LAYOUT_BLOCK
     dq = blocksparse_bwd_dq_inner(
@@ -264,6 +245,5 @@ def blocksparse_bwd_dq_kernel(
         dq, b_q, b_do, b_lse, b_delta, o_i, p_k_head, p_v_head, stride_kn, stride_vn, PART_COUNT, PART_INDEX,
         part_width, row, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
         HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, True, DOT_PRECISION, LAYOUT_BLOCK)
-    p_dq = DQ + b.to(tl.int64) * stride_dqb + hq.to(tl.int64) * stride_dqh \
-        + o_i.to(tl.int64)[:, None] * stride_dqn + o_d[None, :]
+    p_dq = row_block(head_rows(DQ, b, hq, stride_dqb, stride_dqh), o_i, stride_dqn, HEAD_DIM)
     tl.store(p_dq, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None])

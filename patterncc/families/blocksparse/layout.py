@@ -12,6 +12,10 @@ import torch
 
 from ...runtime import tiles
 
+# Whether layouts may visit a mask in a permuted order (a grid transpose). The library can; a generated module whose
+# masks have no candidate order is assembled with False, which drops every branch that tests it (patterncc.assemble).
+PERMUTED_ORDERS = True
+
 
 class BlockMasks:
     """A pattern's masks for the block-sparse kernels.
@@ -97,15 +101,11 @@ class Layout:
         for m in range(masks.num_masks):
             natural = masks.tile_classes(m, n, tables, None)
             self.natural_classes.append(natural)
-            candidate = masks.positions(m, n)
-            if candidate is not None:
-                permuted = masks.tile_classes(m, n, tables, candidate)
-                if tiles.permutation_pays(int((permuted != tiles.EMPTY).sum()), int((natural != tiles.EMPTY).sum())):
-                    positions.append(candidate)
-                    classes.append(permuted)
-                    continue
-            positions.append(None)
-            classes.append(natural)
+            order, chosen = None, natural
+            if PERMUTED_ORDERS and masks.permuted:
+                order, chosen = _cheaper_order(masks, m, n, tables, natural)
+            positions.append(order)
+            classes.append(chosen)
         classes = torch.stack(classes)
         self.classes = classes  # int8 [masks, q tiles, k tiles]
         self.positions_cpu = positions
@@ -122,11 +122,10 @@ class Layout:
         self.full_t = lists((classes == tiles.FULL).transpose(1, 2))
         self.part_t = lists((classes == tiles.PARTIAL).transpose(1, 2))
         self.head_masks = torch.tensor(masks.head_masks, dtype=torch.int32, device=device)
-        if masks.permuted:
+        self.positions = torch.zeros(1, dtype=torch.int32, device=device)  # read only by kernels with PERMUTED
+        if PERMUTED_ORDERS and masks.permuted:
             rows = [p if p is not None else torch.arange(n) for p in positions]
             self.positions = torch.stack(rows).to(torch.int32).to(device)
-        else:
-            self.positions = torch.zeros(1, dtype=torch.int32, device=device)
         if tables:
             self.random = torch.stack(tables).to(torch.int8).to(device)
         else:
@@ -136,3 +135,14 @@ class Layout:
         self.params_tensor = torch.tensor(list(self.params) or [0], dtype=torch.int64 if masks.int64 else torch.int32,
                                           device=device)
         self.cpu_plans = {}
+
+
+def _cheaper_order(masks, mask, n, tables, natural):
+    """(positions, classes) of the mask's candidate order where it pays at this n, else (None, natural)."""
+    candidate = masks.positions(mask, n)
+    if candidate is None:
+        return None, natural
+    permuted = masks.tile_classes(mask, n, tables, candidate)
+    if tiles.permutation_pays(int((permuted != tiles.EMPTY).sum()), int((natural != tiles.EMPTY).sum())):
+        return candidate, permuted
+    return None, natural

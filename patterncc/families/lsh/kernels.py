@@ -16,7 +16,17 @@ Prefixes: b_ block values, p_ pointers, o_ offsets, m_ masks.
 import triton
 import triton.language as tl
 
-from ..shared.kernels import online_softmax_finish, online_softmax_update
+from ..shared.kernels import (
+    head_rows,
+    load_row_stats,
+    load_rows,
+    load_rows_t,
+    online_softmax_finish,
+    online_softmax_update,
+    row_block,
+    softmax_bwd_kv,
+    softmax_bwd_q,
+)
 
 
 @triton.jit
@@ -82,12 +92,9 @@ def lsh_fwd_kernel(
 
     m0 = pid_m * BLOCK_M
     o_i, m_m, b_code_i = lsh_slots(m0, n_ctx, PERM_Q, CODE_Q, round_base, BLOCK_M)
-    o_d = tl.arange(0, HEAD_DIM)
-    p_q = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + o_i.to(tl.int64)[:, None] * stride_qn \
-        + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_m[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
-    p_k_head = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    p_v_head = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    b_q = load_rows(head_rows(Q, b, h, stride_qb, stride_qh), o_i, m_m, stride_qn, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+    p_k_head = head_rows(K, b, h, stride_kb, stride_kh)
+    p_v_head = head_rows(V, b, h, stride_vb, stride_vh)
 
     # Key slots of the chunks these query slots may see: from the chunk before the first to the last one.
     first = m0 // chunk
@@ -103,10 +110,8 @@ def lsh_fwd_kernel(
         m_n = o_slot_n < hi
         o_j = tl.load(PERM_K + round_base + o_slot_n, mask=m_n, other=0)
         b_code_j = tl.load(CODE_K + round_base + o_j, mask=m_n, other=0)
-        b_kT = tl.load(p_k_head + o_j.to(tl.int64)[None, :] * stride_kn + o_d[:, None], mask=m_n[None, :],
-                       other=0.0)  # [HEAD_DIM, BLOCK_N]
-        b_v = tl.load(p_v_head + o_j.to(tl.int64)[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None],
-                      other=0.0)  # [BLOCK_N, HEAD_DIM]
+        b_kT = load_rows_t(p_k_head, o_j, m_n, stride_kn, HEAD_DIM)  # [HEAD_DIM, BLOCK_N]
+        b_v = load_rows(p_v_head, o_j, m_n, stride_vn, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
         b_s = tl.dot(b_q, b_kT, input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
         m_allowed = lsh_allowed(b_code_i[:, None], b_code_j[None, :], o_i[:, None], o_j[None, :], CAUSAL,
                                 SHARED_QK) & m_n[None, :]
@@ -118,7 +123,7 @@ def lsh_fwd_kernel(
         acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, b_s, b_v, DOT_PRECISION)
 
     acc, b_lse = online_softmax_finish(acc, l_i, m_i, float("-inf"))
-    p_o = O + (round_base + o_i.to(tl.int64))[:, None] * HEAD_DIM + o_d[None, :]
+    p_o = row_block(O + round_base * HEAD_DIM, o_i, HEAD_DIM, HEAD_DIM)
     tl.store(p_o, acc, mask=m_m[:, None])
     tl.store(LSE + round_base + o_i, b_lse, mask=m_m)
 
@@ -139,14 +144,10 @@ def lsh_bwd_dkdv_kernel(
 
     n0 = pid_n * BLOCK_N
     o_j, m_n, b_code_j = lsh_slots(n0, n_ctx, PERM_K, CODE_K, round_base, BLOCK_N)
-    o_d = tl.arange(0, HEAD_DIM)
-    b_k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-                  + o_j.to(tl.int64)[:, None] * stride_kn + o_d[None, :],
-                  mask=m_n[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
-    b_v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-                  + o_j.to(tl.int64)[:, None] * stride_vn + o_d[None, :], mask=m_n[:, None], other=0.0)
-    p_q_head = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    p_do_head = DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    b_k = load_rows(head_rows(K, b, h, stride_kb, stride_kh), o_j, m_n, stride_kn, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+    b_v = load_rows(head_rows(V, b, h, stride_vb, stride_vh), o_j, m_n, stride_vn, HEAD_DIM)
+    p_q_head = head_rows(Q, b, h, stride_qb, stride_qh)
+    p_do_head = head_rows(DO, b, h, stride_dob, stride_doh)
 
     # Query slots that may see these keys: the keys' chunks and the chunk after the last one.
     first = n0 // chunk
@@ -161,11 +162,9 @@ def lsh_bwd_dkdv_kernel(
         m_m = o_slot_m < hi
         o_i = tl.load(PERM_Q + round_base + o_slot_m, mask=m_m, other=0)
         b_code_i = tl.load(CODE_Q + round_base + o_i, mask=m_m, other=0)
-        b_q = tl.load(p_q_head + o_i.to(tl.int64)[:, None] * stride_qn + o_d[None, :], mask=m_m[:, None], other=0.0)
-        b_do = tl.load(p_do_head + o_i.to(tl.int64)[:, None] * stride_don + o_d[None, :], mask=m_m[:, None],
-                       other=0.0)
-        b_lse = tl.load(LSE + row_base + o_i, mask=m_m, other=float("inf"))  # [BLOCK_M]
-        b_delta = tl.load(DELTA + row_base + o_i, mask=m_m, other=0.0)
+        b_q = load_rows(p_q_head, o_i, m_m, stride_qn, HEAD_DIM)
+        b_do = load_rows(p_do_head, o_i, m_m, stride_don, HEAD_DIM)
+        b_lse, b_delta = load_row_stats(LSE, DELTA, row_base, o_i, m_m)  # [BLOCK_M]
         b_sT = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_N, BLOCK_M]
         m_allowedT = lsh_allowed(b_code_i[None, :], b_code_j[:, None], o_i[None, :], o_j[:, None], CAUSAL,
                                  SHARED_QK) & m_m[None, :]
@@ -174,14 +173,10 @@ def lsh_bwd_dkdv_kernel(
                                     m_n[:, None], ROUNDS)
             b_sT = b_sT - tl.math.log2(tl.maximum(countT, 1).to(tl.float32))
         b_pT = tl.where(m_allowedT, tl.math.exp2(b_sT - b_lse[None, :]), 0.0)
-        dv += tl.dot(b_pT.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
-        b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-        b_dsT = b_pT * (b_dpT - b_delta[None, :])
-        dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+        dk, dv = softmax_bwd_kv(dk, dv, b_pT, b_q, b_v, b_do, b_delta, DOT_PRECISION)
 
-    o_out = (round_base + o_j.to(tl.int64))[:, None] * HEAD_DIM + o_d[None, :]
-    tl.store(DK + o_out, dk * sm_scale, mask=m_n[:, None])
-    tl.store(DV + o_out, dv, mask=m_n[:, None])
+    tl.store(row_block(DK + round_base * HEAD_DIM, o_j, HEAD_DIM, HEAD_DIM), dk * sm_scale, mask=m_n[:, None])
+    tl.store(row_block(DV + round_base * HEAD_DIM, o_j, HEAD_DIM, HEAD_DIM), dv, mask=m_n[:, None])
 
 
 @triton.jit
@@ -199,16 +194,11 @@ def lsh_bwd_dq_kernel(
 
     m0 = pid_m * BLOCK_M
     o_i, m_m, b_code_i = lsh_slots(m0, n_ctx, PERM_Q, CODE_Q, round_base, BLOCK_M)
-    o_d = tl.arange(0, HEAD_DIM)
-    b_q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                  + o_i.to(tl.int64)[:, None] * stride_qn + o_d[None, :],
-                  mask=m_m[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
-    b_do = tl.load(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-                   + o_i.to(tl.int64)[:, None] * stride_don + o_d[None, :], mask=m_m[:, None], other=0.0)
-    b_lse = tl.load(LSE + row_base + o_i, mask=m_m, other=float("inf"))
-    b_delta = tl.load(DELTA + row_base + o_i, mask=m_m, other=0.0)
-    p_k_head = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    p_v_head = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    b_q = load_rows(head_rows(Q, b, h, stride_qb, stride_qh), o_i, m_m, stride_qn, HEAD_DIM)  # [BLOCK_M, HEAD_DIM]
+    b_do = load_rows(head_rows(DO, b, h, stride_dob, stride_doh), o_i, m_m, stride_don, HEAD_DIM)
+    b_lse, b_delta = load_row_stats(LSE, DELTA, row_base, o_i, m_m)
+    p_k_head = head_rows(K, b, h, stride_kb, stride_kh)
+    p_v_head = head_rows(V, b, h, stride_vb, stride_vh)
 
     first = m0 // chunk
     last = (tl.minimum(m0 + BLOCK_M, n_ctx) - 1) // chunk
@@ -221,10 +211,8 @@ def lsh_bwd_dq_kernel(
         m_n = o_slot_n < hi
         o_j = tl.load(PERM_K + round_base + o_slot_n, mask=m_n, other=0)
         b_code_j = tl.load(CODE_K + round_base + o_j, mask=m_n, other=0)
-        b_k = tl.load(p_k_head + o_j.to(tl.int64)[:, None] * stride_kn + o_d[None, :], mask=m_n[:, None],
-                      other=0.0)  # [BLOCK_N, HEAD_DIM]
-        b_vT = tl.load(p_v_head + o_j.to(tl.int64)[None, :] * stride_vn + o_d[:, None], mask=m_n[None, :],
-                       other=0.0)  # [HEAD_DIM, BLOCK_N]
+        b_k = load_rows(p_k_head, o_j, m_n, stride_kn, HEAD_DIM)  # [BLOCK_N, HEAD_DIM]
+        b_vT = load_rows_t(p_v_head, o_j, m_n, stride_vn, HEAD_DIM)  # [HEAD_DIM, BLOCK_N]
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
         m_allowed = lsh_allowed(b_code_i[:, None], b_code_j[None, :], o_i[:, None], o_j[None, :], CAUSAL,
                                 SHARED_QK) & m_n[None, :]
@@ -233,9 +221,7 @@ def lsh_bwd_dq_kernel(
                                    m_n[None, :], ROUNDS)
             b_s = b_s - tl.math.log2(tl.maximum(count, 1).to(tl.float32))
         b_p = tl.where(m_allowed, tl.math.exp2(b_s - b_lse[:, None]), 0.0)
-        b_dp = tl.dot(b_do, b_vT, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        b_ds = b_p * (b_dp - b_delta[:, None])
-        dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+        dq = softmax_bwd_q(dq, b_p, b_k, b_vT, b_do, b_delta, DOT_PRECISION)
 
-    p_dq = DQ + (round_base + o_i.to(tl.int64))[:, None] * HEAD_DIM + o_d[None, :]
+    p_dq = row_block(DQ + round_base * HEAD_DIM, o_i, HEAD_DIM, HEAD_DIM)
     tl.store(p_dq, dq * sm_scale, mask=m_m[:, None])

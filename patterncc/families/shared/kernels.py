@@ -1,6 +1,6 @@
-"""Triton helpers every kernel family uses: the online-softmax update and its finish, and the floor division and
-integer square root that emitted predicates call (`_floordiv`, `_floormod`, `_isqrt`: patterncc.emit spells them
-so).
+"""Triton helpers every kernel family uses: the online-softmax update and its finish, the softmax backward steps,
+row loads of (batch, heads, n, head_dim) tensors, and the floor division and integer square root that emitted
+predicates call (`_floordiv`, `_floormod`, `_isqrt`: patterncc.emit spells them so).
 
 Scores are in the log2 domain (s2 = q.k * scale * log2(e)); the running state of a row is its maximum `m_i`,
 its sum of exponentials `l_i` and its weighted sum of values `acc` (FlashAttention-2). Prefixes: b_ block values,
@@ -54,3 +54,57 @@ def _isqrt(x):
     r = tl.sqrt(x.to(tl.float32)).to(x.dtype)
     r = tl.where(r * r > x, r - 1, r)
     return tl.where((r + 1) * (r + 1) <= x, r + 1, r)
+
+
+@triton.jit
+def head_rows(P, b, h, stride_b, stride_h):
+    """Pointer to row 0 of head h of batch b of a (batch, heads, n, head_dim) tensor."""
+    return P + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def row_block(P_HEAD, o_n, stride_n, HEAD_DIM: tl.constexpr):
+    """Pointers [N, HEAD_DIM] to rows o_n of a head whose row 0 is at P_HEAD (unit column stride)."""
+    return P_HEAD + o_n.to(tl.int64)[:, None] * stride_n + tl.arange(0, HEAD_DIM)[None, :]
+
+
+@triton.jit
+def load_rows(P_HEAD, o_n, m_n, stride_n, HEAD_DIM: tl.constexpr):
+    """Rows o_n of a head as [N, HEAD_DIM]; rows where m_n is False read 0."""
+    return tl.load(row_block(P_HEAD, o_n, stride_n, HEAD_DIM), mask=m_n[:, None], other=0.0)
+
+
+@triton.jit
+def load_rows_t(P_HEAD, o_n, m_n, stride_n, HEAD_DIM: tl.constexpr):
+    """Rows o_n of a head, transposed: [HEAD_DIM, N]."""
+    p_rows_t = P_HEAD + o_n.to(tl.int64)[None, :] * stride_n + tl.arange(0, HEAD_DIM)[:, None]
+    return tl.load(p_rows_t, mask=m_n[None, :], other=0.0)
+
+
+@triton.jit
+def load_row_stats(LSE, DELTA, row_base, o_n, m_n):
+    """(log2-sum-exp, rowsum(dO * O)) of rows o_n of one (batch, head): rows where m_n is False read +inf and 0,
+    so their probabilities exp2(s2 - LSE) are 0."""
+    b_lse = tl.load(LSE + row_base + o_n, mask=m_n, other=float("inf"))
+    b_delta = tl.load(DELTA + row_base + o_n, mask=m_n, other=0.0)
+    return b_lse, b_delta
+
+
+@triton.jit
+def softmax_bwd_kv(dk, dv, b_pT, b_q, b_v, b_do, b_delta, DOT_PRECISION: tl.constexpr):
+    """Add one query tile's share to a key tile's dV and (unscaled) dK: b_pT [BLOCK_N, BLOCK_M] holds the
+    probabilities, 0 where a pair is not allowed; dS = P * (dP - delta)."""
+    dv += tl.dot(b_pT.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+    b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    b_dsT = b_pT * (b_dpT - b_delta[None, :])
+    dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def softmax_bwd_q(dq, b_p, b_k, b_vT, b_do, b_delta, DOT_PRECISION: tl.constexpr):
+    """Add one key tile's share to a query tile's (unscaled) dQ: b_p [BLOCK_M, BLOCK_N] as in softmax_bwd_kv."""
+    b_dp = tl.dot(b_do, b_vT, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    b_ds = b_p * (b_dp - b_delta[:, None])
+    dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
+    return dq
