@@ -31,6 +31,42 @@ def build(pattern: patterncc.ir.Pattern, folder: Path, layer: int = 0):
     return import_file(path, f"patterncc_test_{path.stem}")
 
 
+def brute_force_classes(mask: torch.Tensor, positions, block: int) -> torch.Tensor:
+    """EMPTY / PARTIAL / FULL of every tile of a dense [n, n] mask visited in `positions` order (None: natural),
+    counted pair by pair; a tile holding padding past n is never FULL."""
+    from patterncc.runtime import tiles
+
+    n = mask.shape[0]
+    if positions is not None:
+        mask = mask[positions][:, positions]
+    t = -(-n // block)
+    padded = torch.zeros(t * block, t * block, dtype=torch.int64)
+    padded[:n, :n] = mask
+    counts = padded.view(t, block, t, block).sum(dim=(1, 3))
+    real = torch.zeros(t * block, dtype=torch.int64)
+    real[:n] = 1
+    sizes = real.view(t, block).sum(1)
+    classes = torch.full((t, t), tiles.PARTIAL, dtype=torch.int8)
+    classes[counts == 0] = tiles.EMPTY
+    classes[(counts == sizes[:, None] * sizes[None, :]) & (sizes[:, None] == block) & (sizes[None, :] == block)] = \
+        tiles.FULL
+    return classes
+
+
+def assert_layout_exact(module, pattern, n: int, layer: int = 0, context: str = ""):
+    """The tile classes a generated module's layout uses at n (in the order it chose per mask) equal brute force."""
+    if not getattr(module, "NUM_MASKS", 0):
+        return
+    masks = pattern_mask(pattern, n, layer)
+    layout = module.get_layout(n, "cpu")
+    for mask_index in range(module.NUM_MASKS):
+        dense = masks[module.SET_HEADS[module.HEAD_MASKS.index(mask_index)]]
+        positions = layout.positions_cpu[mask_index]
+        want = brute_force_classes(dense, positions, module.BLOCK)
+        where = f"{context} n={n} mask {mask_index} ({'transposed' if positions is not None else 'natural'} order)"
+        assert torch.equal(layout.classes[mask_index], want), f"inexact tile classes: {where}"
+
+
 def make_inputs(batch, q_heads, kv_heads, n, dim, dtype, seed=0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     shape_q, shape_kv = (batch, q_heads, n, dim), (batch, kv_heads, n, dim)

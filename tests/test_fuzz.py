@@ -25,7 +25,7 @@ import torch
 from conftest import EXAMPLE_FILES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kernel_support import build, family_results
+from kernel_support import assert_layout_exact, build, family_results
 from tolerance import assert_rms_close
 
 import patterncc
@@ -167,7 +167,8 @@ def test_random_patterns_analyze_or_fail_with_a_located_error(text, n):
 @FUZZ_COMPILED
 @given(pattern_texts())
 def test_random_patterns_compile_and_match_their_masks(tmp_path_factory, text):
-    """Differential: the generated module's CPU path equals masked attention over pattern_mask(n), in float64."""
+    """Differential: the generated module's CPU path equals masked attention over pattern_mask(n), in float64, and
+    its layout's tile classes are exact."""
     pattern = _check_or_located_error(text, 40)
     if pattern is None:
         return
@@ -178,6 +179,7 @@ def test_random_patterns_compile_and_match_their_masks(tmp_path_factory, text):
         except PatternError:
             return  # e.g. a block size that depends on n: a located usage error, not a crash
         tested, golden = family_results(module, pattern, 40, 16, torch.float64, "torch")
+        assert_layout_exact(module, pattern, 40, context=text)
     for name in ("out", "dq", "dk", "dv"):
         assert_rms_close(f"{name} of\n{text}\n", tested[name], golden[name], 1e-9)
     assert time.perf_counter() - started < 4 * INPUT_SECONDS

@@ -1,7 +1,8 @@
 """Tile classification against brute force: the classes a generated module computes in closed form for natural
 and grid-transposed visiting orders are sound (EMPTY tiles hold no allowed pair, FULL tiles only allowed pairs)
 and, for strides visited transposed, exact even when n / period is not a multiple of the block (tiles that hold
-several residue classes are split into one strided interval per run)."""
+several residue classes are split into one strided interval per run). The layout a module runs refines what the
+closed form leaves PARTIAL, so its classes are exact."""
 
 from __future__ import annotations
 
@@ -11,30 +12,11 @@ import sys
 import pytest
 import torch
 from conftest import EXAMPLES_DIR
-from kernel_support import build
+from kernel_support import assert_layout_exact, brute_force_classes, build
 
 import patterncc
 from patterncc.mask import pattern_mask
 from patterncc.runtime import tiles
-
-
-def _brute_force(mask: torch.Tensor, positions, block: int) -> torch.Tensor:
-    n = mask.shape[0]
-    if positions is not None:
-        mask = mask[positions][:, positions]
-    t = -(-n // block)
-    padded = torch.zeros(t * block, t * block, dtype=torch.int64)
-    padded[:n, :n] = mask
-    counts = padded.view(t, block, t, block).sum(dim=(1, 3))
-    real = torch.zeros(t * block, dtype=torch.int64)
-    real[:n] = 1
-    sizes = real.view(t, block).sum(1)
-    classes = torch.full((t, t), tiles.PARTIAL, dtype=torch.int8)
-    classes[counts == 0] = tiles.EMPTY
-    classes[(counts == sizes[:, None] * sizes[None, :]) & (sizes[:, None] == block) & (sizes[None, :] == block)] = \
-        tiles.FULL
-    return classes
-
 
 # (pattern, lengths, whether the transposed classes must be exact, not only sound)
 CASES = [
@@ -59,12 +41,32 @@ def test_closed_form_classes_are_sound_and_transposed_strides_exact(tmp_path, te
             candidate = module.mask_positions(mask_index, n)
             for positions in (None, candidate) if candidate is not None else (None,):
                 got = module.mask_tile_classes(mask_index, n, tables, positions)
-                want = _brute_force(mask, positions, module.BLOCK)
+                want = brute_force_classes(mask, positions, module.BLOCK)
                 where = f"{text} n={n} mask {mask_index} {'transposed' if positions is not None else 'natural'}"
                 assert not ((got == tiles.EMPTY) & (want != tiles.EMPTY)).any(), f"unsound EMPTY: {where}"
                 assert not ((got == tiles.FULL) & (want != tiles.FULL)).any(), f"unsound FULL: {where}"
                 if positions is not None and exact:
                     assert torch.equal(got == tiles.EMPTY, want == tiles.EMPTY), f"inexact EMPTY: {where}"
+
+
+# Where the closed form alone is not exact (found against FlexAttention's create_block_mask), examples at lengths
+# that are not multiples of the block or of their periods, causal and bidirectional.
+EXACT_CASES = [
+    ("pattern p() { causal; block 16; head a = where j > i }", [16, 40]),
+    ("pattern p() { block 16; head a = local(10) & global(20) }", [48, 61]),
+    ("pattern s(l = 24) { causal; block 16; head s = stride(l) }", [200, 384, 500]),
+    ("pattern s(l = 20) { causal; block 16; head a = stride(l) - chunk(l) }", [333]),
+    ("pattern p() { block 16; head a = (where (i + j) % 7 == 0) | summary(12, 3); head b = dilated(5, 3) }", [100]),
+    *[(path, [200, 333]) for path in sorted(EXAMPLES_DIR.glob("*.attn"))],
+]
+
+
+@pytest.mark.parametrize("source,lengths", EXACT_CASES, ids=lambda case: str(getattr(case, "stem", ""))[:20] or None)
+def test_module_layouts_are_exact(tmp_path, source, lengths):
+    for name, pattern in patterncc.parse_all(source).items():
+        module = build(pattern, tmp_path)
+        for n in lengths:
+            assert_layout_exact(module, pattern, n, context=f"{name}")
 
 
 def test_strided_example_is_transposed_when_n_over_l_is_not_a_multiple_of_the_block(tmp_path):

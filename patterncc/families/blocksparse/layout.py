@@ -12,8 +12,9 @@ import torch
 
 from ...runtime import tiles
 
-# Whether layouts may visit a mask in a permuted order (a grid transpose). The library can; a generated module whose
-# masks have no candidate order is assembled with False, which drops every branch that tests it (patterncc.assemble).
+# Whether layouts may visit a mask in a permuted order (a grid transpose). The library can; a generated module
+# whose masks have no candidate order is assembled with False, which drops every branch that tests it
+# (patterncc.assemble).
 PERMUTED_ORDERS = True
 
 
@@ -104,6 +105,11 @@ class Layout:
             order, chosen = None, natural
             if PERMUTED_ORDERS and masks.permuted:
                 order, chosen = _cheaper_order(masks, m, n, tables, natural)
+
+            def allowed(pos_i, pos_j, mask=m):
+                return masks.allowed(mask, pos_i, pos_j, n, tables)
+
+            chosen = tiles.refine_partial(chosen, allowed, order, n, block)
             positions.append(order)
             classes.append(chosen)
         classes = torch.stack(classes)
