@@ -36,14 +36,19 @@ def flex_attention_fn(module, n, heads):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     tables = [t.cuda() for t in module.random_tables(n)]
-    head_masks = torch.tensor(module.HEAD_MASKS, device="cuda")
     per_head = heads // module.NUM_HEADS
 
+    def head_allowed(slot, q_idx, kv_idx):  # a split head allows the union of its parts
+        allowed = module.mask_allowed(module.HEAD_MASKS[slot][0], q_idx, kv_idx, n, tables)
+        for m in module.HEAD_MASKS[slot][1:]:
+            allowed = allowed | module.mask_allowed(m, q_idx, kv_idx, n, tables)
+        return allowed
+
     def mask_mod(b, h, q_idx, kv_idx):
-        mask_id = head_masks[h // per_head]
-        allowed = module.mask_allowed(0, q_idx, kv_idx, n, tables)
-        for m in range(1, module.NUM_MASKS):
-            allowed = torch.where(mask_id == m, module.mask_allowed(m, q_idx, kv_idx, n, tables), allowed)
+        slot = h // per_head
+        allowed = head_allowed(0, q_idx, kv_idx)
+        for other in range(1, len(module.HEAD_MASKS)):
+            allowed = torch.where(slot == other, head_allowed(other, q_idx, kv_idx), allowed)
         return allowed
 
     block_mask = create_block_mask(mask_mod, B=None, H=heads, Q_LEN=n, KV_LEN=n, device="cuda",
@@ -56,7 +61,7 @@ def computed_pairs(module, n, heads) -> int:
     """Query-key pairs in the tiles patterncc computes (every non-empty tile, at the layout's block size)."""
     layout = module.get_layout(n, "cpu")
     per_head = heads // module.NUM_HEADS
-    tiles = sum(int((layout.classes[m] != 0).sum()) for m in module.HEAD_MASKS) * per_head
+    tiles = sum(int((layout.classes[m] != 0).sum()) for parts in module.HEAD_MASKS for m in parts) * per_head
     return tiles * module.BLOCK * module.BLOCK
 
 

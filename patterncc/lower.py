@@ -9,6 +9,7 @@ never recompiles a kernel), int32 vs int64 arithmetic. Templates only place the 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -38,7 +39,8 @@ class RandomTable:
 
 @dataclass(frozen=True)
 class MaskPlan:
-    """One distinct connectivity among the attention heads (heads with equal (group, h) sets share it)."""
+    """One distinct connectivity the block-sparse kernels run: a head's whole set, or one part of it when the head
+    is split (heads with equal (group, h) sets share their masks)."""
 
     index: int
     heads: tuple[str, ...]  # the declared heads it is the union of, e.g. ("local",) or ("far[1]",)
@@ -46,10 +48,16 @@ class MaskPlan:
     period: str | None  # Python source of a candidate grid-transpose period, or None for natural order only
     period_formula: str | None
     random_tables: tuple[RandomTable, ...]
+    part: tuple[int, int] | None = None  # (k, parts): part k (from 1) of a head split into disjoint parts
 
     @property
     def math(self) -> str:
         return describe(self.predicate)
+
+    @property
+    def label(self) -> str:
+        """e.g. "local", "a | b" or "strided, part 2 of 2"."""
+        return " | ".join(self.heads) + (f", part {self.part[0]} of {self.part[1]}" if self.part else "")
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ class KernelPlan:
     num_heads: int
     head_families: tuple[str, ...]  # attention head -> "set", "hashed" or "kernel"
     set_heads: tuple[int, ...]  # attention heads run by the block-sparse kernels, in order
-    head_masks: tuple[int, ...]  # set head (index into set_heads) -> mask index
+    head_masks: tuple[tuple[int, ...], ...]  # set head (index into set_heads) -> its masks (parts), disjoint
     masks: tuple[MaskPlan, ...]
     runtime_params: tuple[tuple[str, str], ...]  # (name, Python source over n and earlier ones), in order
     runtime_ranges: tuple[tuple[str, tuple[int, int]], ...]  # bounds of n and runtime parameters
@@ -163,29 +171,35 @@ def plan(pattern: ir.Pattern, layer: int = 0, n: int | None = None, params: dict
     hashed_calls, kernel_calls = _family_calls(pattern, bound, head_sets, constants, dependent | {"n"})
     masks: list[MaskPlan] = []
     keys: dict[tuple, int] = {}
-    head_masks: list[int] = []
+    head_masks: list[tuple[int, ...]] = []
     for pairs in (head_sets[head] for head in set_heads):
-        predicates, tables, labels = [], [], []
+        members, tables, labels = [], [], []
         for group, h in pairs:
             env = {**constants, "h": h}
-            body, group_tables = _lower_set(group.body, env, pattern.block, python, len(tables), bound.block)
-            predicates.append(body)
-            tables.extend(group_tables)
+            for member in ir.union_members(group.body):
+                body, member_tables = _lower_set(member, env, pattern.block, python, len(tables), bound.block)
+                members.append(((dataclasses.replace(group, body=member), h), body))
+                tables.extend(member_tables)
             labels.append(f"{group.name}[{h}]" if bound.counts[pattern.heads.index(group)] > 1 else group.name)
-        predicate = predicates[0]
-        for extra in predicates[1:]:
-            predicate = ir.or_(predicate, extra)
-        if pattern.causal:
-            predicate = ir.and_(predicate, ir.cmp("<=", ir.J, ir.I))
-        predicate = fold(predicate)
-        key = (predicate, tuple(tables))  # random tables numbered from 0 within the mask, for deduplication
-        if key not in keys:
-            period, formula = _choose_period(bound, pairs, predicate, python)
-            # In the kernel, tables of all masks live in one tensor: renumber this mask's from the running total.
-            predicate = _renumber_tables(predicate, sum(len(m.random_tables) for m in masks))
-            keys[key] = len(masks)
-            masks.append(MaskPlan(len(masks), tuple(labels), predicate, period, formula, tuple(tables)))
-        head_masks.append(keys[key])
+        parts = _split_union(bound, pairs, members, tables)
+        indices = []
+        for k, (predicate, period) in enumerate(parts):
+            if pattern.causal:
+                predicate = ir.and_(predicate, ir.cmp("<=", ir.J, ir.I))
+            predicate = fold(predicate)
+            part = (k + 1, len(parts)) if len(parts) > 1 else None
+            key = (predicate, tuple(tables), part)  # tables numbered from 0 within the head, for deduplication
+            if key not in keys:
+                if len(parts) > 1:
+                    source, formula = _period_source(bound, predicate, period, python)
+                else:
+                    source, formula = _choose_period(bound, pairs, predicate, python)
+                # In the kernel, tables of all masks live in one tensor: renumber this mask's from the running total.
+                predicate = _renumber_tables(predicate, sum(len(m.random_tables) for m in masks))
+                keys[key] = len(masks)
+                masks.append(MaskPlan(len(masks), tuple(labels), predicate, source, formula, tuple(tables), part))
+            indices.append(keys[key])
+        head_masks.append(tuple(indices))
 
     int64 = any(needs_int64(m.predicate, ranges) for m in masks)
     return KernelPlan(
@@ -271,23 +285,71 @@ def _lower_set(s: ir.SetExpr, env: dict, block_expr: ir.Expr, python: PythonEmit
 
 def _choose_period(bound, pairs, predicate, python) -> tuple[str | None, str | None]:
     """The grid-transpose period that makes this mask block-sparse (from the analysis), as Python source."""
-    try:
-        from .analysis.permute import choose_permutation
-    except ImportError:  # the analysis stage is optional for lowering: natural order is always correct
-        return None, None
+    from .analysis.permute import choose_permutation
+
     perm = choose_permutation(bound, pairs, tile=bound.block)
-    if perm is None:
+    return _period_source(bound, predicate, None if perm is None else perm.period, python)
+
+
+def _period_source(bound, predicate, period: int | None, python) -> tuple[str | None, str | None]:
+    """(Python source of `period`, its formula): the modulus expression of the predicate that evaluates to it, so
+    the period follows n at run time, or the number itself."""
+    from .analysis.permute import Permutation
+
+    if period is None:
         return None, None
-    # Find the modulus expression that evaluates to the chosen period, so the period follows n at run time.
     for node in predicate.walk():
         if isinstance(node, ir.BinOp) and node.op == "%":
             try:
                 value = ir.evaluate_int(node.right, {**bound.env, "n": bound.n})
             except (KeyError, ZeroDivisionError):
                 continue
-            if value == perm.period:
-                return python(node.right), perm.formula
-    return str(perm.period), perm.formula
+            if value == period:
+                return python(node.right), Permutation(period).formula
+    return str(period), Permutation(period).formula
+
+
+# A head whose set is a union is split into disjoint parts, each visited in its own order and combined by
+# log-sum-exp, when the parts compute at most this share of the tiles the union computes in its best order (at the
+# reference length; the extra launches and the combine are paid per part).
+SPLIT_GAIN = 0.5
+
+
+def _split_union(bound, pairs, members, tables) -> list[tuple[ir.Expr, int | None]]:
+    """A set head's parts: [(predicate without causal, grid-transpose period or None)]. One part (the union) unless
+    its union members prefer different visiting orders and splitting pays (SPLIT_GAIN): then part k is the union of
+    the members preferring the k-th order (natural first) minus every earlier part, so the parts are disjoint and
+    the union is exactly the head's set. `members`: [((group with the member as body, h), member predicate)]."""
+    from .analysis.permute import search_permutation
+
+    whole = members[0][1]
+    for _, predicate in members[1:]:
+        whole = ir.or_(whole, predicate)
+    if len(members) < 2 or tables:  # random tables are numbered per head: such heads stay whole
+        return [(whole, None)]
+
+    def best(choice) -> tuple[float, int | None]:
+        if choice.chosen is None:
+            return choice.natural_density, None
+        return choice.permuted_density, choice.chosen.period
+
+    classes: dict[int | None, list[ir.Expr]] = {}
+    member_cost = 0.0
+    for pair, predicate in members:
+        density, period = best(search_permutation(bound, (pair,)))
+        classes.setdefault(period, []).append(predicate)
+        member_cost += density
+    union_cost, _ = best(search_permutation(bound, pairs))
+    if len(classes) < 2 or member_cost > SPLIT_GAIN * union_cost:
+        return [(whole, None)]
+    parts, earlier = [], None
+    for period in sorted(classes, key=lambda p: (p is not None, p or 0)):
+        union = classes[period][0]
+        for predicate in classes[period][1:]:
+            union = ir.or_(union, predicate)
+        parts.append((union if earlier is None else ir.and_(union, ir.Not(earlier)), period))
+        earlier = union if earlier is None else ir.or_(earlier, union)
+    return parts
 
 
 # Rendering -----------------------------------------------------------------------------------------------------

@@ -53,14 +53,35 @@ def brute_force_classes(mask: torch.Tensor, positions, block: int) -> torch.Tens
     return classes
 
 
+def dense_masks(module, pattern, n: int, layer: int = 0) -> dict[int, torch.Tensor]:
+    """Each mask of a generated module as a dense [n, n] bool mask: a head's whole mask from `pattern_mask` (the IR
+    evaluated independently of the module), the parts of a split head from the module's `mask_allowed` after
+    checking that they are disjoint and that their union is the head's mask."""
+    masks = pattern_mask(pattern, n, layer)
+    pos = torch.arange(n)
+    tables = module.random_tables(n)
+    out = {}
+    for slot, parts in enumerate(module.HEAD_MASKS):
+        head_mask = masks[module.SET_HEADS[slot]]
+        if len(parts) == 1:
+            out[parts[0]] = head_mask
+            continue
+        union = torch.zeros(n, n, dtype=torch.bool)
+        for mask_index in parts:
+            part = module.mask_allowed(mask_index, pos[:, None], pos[None, :], n, tables)
+            assert not (union & part).any(), f"parts {parts} of set head {slot} overlap"
+            union |= part
+            out[mask_index] = part
+        assert torch.equal(union, head_mask), f"parts {parts} of set head {slot} are not its mask"
+    return out
+
+
 def assert_layout_exact(module, pattern, n: int, layer: int = 0, context: str = ""):
     """The tile classes a generated module's layout uses at n (in the order it chose per mask) equal brute force."""
     if not getattr(module, "NUM_MASKS", 0):
         return
-    masks = pattern_mask(pattern, n, layer)
     layout = module.get_layout(n, "cpu")
-    for mask_index in range(module.NUM_MASKS):
-        dense = masks[module.SET_HEADS[module.HEAD_MASKS.index(mask_index)]]
+    for mask_index, dense in dense_masks(module, pattern, n, layer).items():
         positions = layout.positions_cpu[mask_index]
         want = brute_force_classes(dense, positions, module.BLOCK)
         where = f"{context} n={n} mask {mask_index} ({'transposed' if positions is not None else 'natural'} order)"

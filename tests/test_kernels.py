@@ -77,6 +77,27 @@ def test_small_patterns(modules, backend, name):
     check_against_reference(modules(pattern), pattern, 75, 16, backend=backend)
 
 
+# Unions that split at the planning length (l = 24 with block 16; with l = 8 the union's own transpose is as good).
+SPLIT_PATTERNS = {
+    "merged": "pattern p(l = 24) { causal block 16 head a = local(l) head b = stride(l) combine merged }",
+    "n_dependent": SMALL_PATTERNS["n_dependent"],
+    "split_and_whole": "pattern p(l = 24) { causal block 16 head a = strided(l) head b = local(3) }",
+    "bidirectional": "pattern p(l = 48) { block 16 head a = stride(l) | local(l) }",
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_interpreter)])
+@pytest.mark.parametrize("name", sorted(SPLIT_PATTERNS))
+def test_split_heads(modules, backend, name):
+    """A union whose members prefer different visiting orders (local | stride) runs as disjoint parts: outputs
+    combined by log-sum-exp, gradients from each part with the union's LSE; heads with fewer parts run the empty
+    mask in the extra launch. Against the float64 reference, forward and every gradient, with grouped queries."""
+    pattern = patterncc.parse(SPLIT_PATTERNS[name])
+    module = modules(pattern)
+    assert any(len(parts) > 1 for parts in module.HEAD_MASKS), module.HEAD_MASKS
+    check_against_reference(module, pattern, 75, 16, backend=backend, head_multiple=2, kv_heads=1)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("config", [(16, 16, 4, 2), (16, 32, 4, 2), (32, 16, 4, 2)], ids=lambda c: f"M{c[0]}-N{c[1]}")
 def test_kernel_tiles_smaller_than_layout_tiles(modules, config):

@@ -12,10 +12,9 @@ import sys
 import pytest
 import torch
 from conftest import EXAMPLES_DIR
-from kernel_support import assert_layout_exact, brute_force_classes, build
+from kernel_support import assert_layout_exact, brute_force_classes, build, dense_masks
 
 import patterncc
-from patterncc.mask import pattern_mask
 from patterncc.runtime import tiles
 
 # (pattern, lengths, whether the transposed classes must be exact, not only sound)
@@ -33,10 +32,9 @@ def test_closed_form_classes_are_sound_and_transposed_strides_exact(tmp_path, te
     pattern = patterncc.parse(text)
     module = build(pattern, tmp_path)
     for n in lengths:
-        masks = pattern_mask(pattern, n)
+        masks = dense_masks(module, pattern, n)
         for mask_index in range(module.NUM_MASKS):
-            head = module.HEAD_MASKS.index(mask_index)
-            mask = masks[module.SET_HEADS[head]]
+            mask = masks[mask_index]
             tables = module.random_tables(n)
             candidate = module.mask_positions(mask_index, n)
             for positions in (None, candidate) if candidate is not None else (None,):

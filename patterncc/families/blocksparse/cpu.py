@@ -149,9 +149,10 @@ def _share(start, stop, slots, allowed, widths):
     return CpuChunk(start, stop, True, union, None), shared
 
 
-def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv):
+def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv, with_lse=False):
     """Attention for the query heads `heads`, which share mask `mask`: per query tile (or per chunk of query
-    tiles sharing their keys), gather the key rows its rows may see, masked softmax, weighted sum."""
+    tiles sharing their keys), gather the key rows its rows may see, masked softmax, weighted sum. With_lse:
+    (output, natural log-sum-exp per row, -inf for a row with no allowed key)."""
     plan = cpu_gather(layout, mask)
     n, t, block = layout.n, layout.num_tiles, layout.masks.block
     batch, dim = q.shape[0], q.shape[-1]
@@ -164,7 +165,7 @@ def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv):
         qm, km, vm = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (qm, km, vm))
     hm = len(heads)
     q_tiles = qm.reshape(batch, hm, t, block, dim)
-    outs = []
+    outs, lses = [], []
     for chunk in plan.chunks:
         w = chunk.blocked.shape[-1]
         step = max(1, min(chunk.stop - chunk.start, _SCORES_PER_STEP // (batch * hm * block * w)))
@@ -177,25 +178,59 @@ def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv):
                 rows = q_tiles[:, :, first:last].reshape(batch, hm, tiles_here * block, dim)
                 scores = torch.matmul(rows, k_chunk.transpose(-1, -2))
                 scores.masked_fill_(chunk.blocked[local].reshape(tiles_here * block, w), float("-inf"))
-                out = torch.matmul(torch.softmax(scores, dim=-1), v_chunk)
+                out, lse = _attend(scores, v_chunk, with_lse)
                 outs.append(out.reshape(batch, hm, tiles_here, block, dim))
+                lses.append(lse.reshape(batch, hm, tiles_here, block, 1) if with_lse else None)
                 continue
             idx = chunk.slots[local].reshape(-1)
             k_gathered = km.index_select(2, idx).reshape(batch, hm, tiles_here, w, dim)
             v_gathered = vm.index_select(2, idx).reshape(batch, hm, tiles_here, w, dim)
             scores = torch.matmul(q_tiles[:, :, first:last], k_gathered.transpose(-1, -2))
             scores.masked_fill_(chunk.blocked[local], float("-inf"))  # then one fused softmax
-            outs.append(torch.matmul(torch.softmax(scores, dim=-1), v_gathered))
+            out, lse = _attend(scores, v_gathered, with_lse)
+            outs.append(out)
+            lses.append(lse)
     out = torch.cat(outs, dim=2) * plan.has_keys.to(q.dtype)  # rows with no allowed key: 0, with gradient 0
     out = out.reshape(batch, hm, t * block, dim)[:, :, :n]
+    if with_lse:
+        lse = torch.cat(lses, dim=2).masked_fill(plan.has_keys == 0, float("-inf")).reshape(batch, hm, t * block)
+        lse = lse[:, :, :n]
     if PERMUTED_ORDERS and plan.positions is not None:
-        out = out[:, :, torch.argsort(plan.positions)]
-    return out
+        unpermute = torch.argsort(plan.positions)
+        out = out[:, :, unpermute]
+        if with_lse:
+            lse = lse[:, :, unpermute]
+    return (out, lse) if with_lse else out
+
+
+def _attend(scores, values, with_lse):
+    """(softmax(scores) @ values, the rows' log-sum-exp [..., 1] or None)."""
+    if not with_lse:
+        return torch.matmul(torch.softmax(scores, dim=-1), values), None
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return torch.matmul(torch.exp(scores - lse), values), lse
+
+
+def combine_parts(parts, exp=torch.exp, log=torch.log):
+    """Attention over the union of disjoint key sets, from each set's (output, log-sum-exp per row; +inf or -inf
+    for a row with no key in it): (outputs weighted by exp(lse_k - lse), lse; +inf for a row with no key at all).
+    exp, log: the LSE's base (the kernels' is 2). Differentiable: the CPU path's split heads run through it."""
+    lse = torch.stack([part_lse for _, part_lse in parts])  # [parts, ...]
+    lse = torch.where(torch.isinf(lse), float("-inf"), lse)
+    top = lse.max(dim=0).values.detach()
+    top = torch.where(top == float("-inf"), 0.0, top)
+    weights = exp(lse - top)
+    total = weights.sum(dim=0)
+    has_keys = total > 0
+    out = sum(w[..., None] * part_out for w, (part_out, _) in zip(weights, parts))
+    out = out / torch.where(has_keys, total, 1.0)[..., None]
+    return out, torch.where(has_keys, top + log(torch.where(has_keys, total, 1.0)), float("inf"))
 
 
 def blocksparse_attention_torch(q, k, v, masks, scale):
     """Block-sparse attention of the heads of `masks` with torch ops, differentiable by autograd: q (batch, heads,
-    n, head_dim), heads a multiple of the masks' head count; k, v with heads dividing q's."""
+    n, head_dim), heads a multiple of the masks' head count; k, v with heads dividing q's. A head split into
+    parts attends over each and combines them by log-sum-exp."""
     n = q.shape[2]
     layout = masks.layout(n, "cpu")
     num_q_heads, q_per_kv = q.shape[1], q.shape[1] // k.shape[1]
@@ -204,10 +239,17 @@ def blocksparse_attention_torch(q, k, v, masks, scale):
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
     by_mask = {}
     for head in range(num_q_heads):
-        by_mask.setdefault(masks.head_masks[head // q_per_head], []).append(head)
-    per_head = [None] * num_q_heads
-    for mask, heads in by_mask.items():
-        out = _cpu_attention_mask(qc, kc, vc, scale, layout, mask, heads, q_per_kv)
-        for slot, head in enumerate(heads):
-            per_head[head] = out[:, slot]
+        for mask in masks.head_masks[head // q_per_head]:
+            by_mask.setdefault(mask, []).append(head)
+    split = masks.num_parts > 1
+    results = {mask: _cpu_attention_mask(qc, kc, vc, scale, layout, mask, heads, q_per_kv, with_lse=split)
+               for mask, heads in by_mask.items()}
+    per_head = []
+    for head in range(num_q_heads):
+        shares = [(results[mask], by_mask[mask].index(head)) for mask in masks.head_masks[head // q_per_head]]
+        if split:
+            per_head.append(combine_parts([(out[:, slot], lse[:, slot]) for (out, lse), slot in shares])[0])
+        else:
+            (out, slot), = shares
+            per_head.append(out[:, slot])
     return torch.stack(per_head, dim=1).to(q.dtype)

@@ -21,9 +21,10 @@ PERMUTED_ORDERS = True
 class BlockMasks:
     """A pattern's masks for the block-sparse kernels.
 
-    block: the layout tile size; head_masks: set head -> mask; permuted: whether any mask has a candidate
-    visiting order; int64: whether predicates need 64-bit arithmetic. The callables, each for a sequence length n:
-    params(n) -> tuple of runtime parameters (kernel arguments, never a recompile); tables(n) -> list of block
+    block: the layout tile size; head_masks: set head -> its mask, or the tuple of its masks when the head is split
+    into disjoint parts (run one after another and combined by log-sum-exp); permuted: whether any mask has a
+    candidate visiting order; int64: whether predicates need 64-bit arithmetic. The callables, each for a sequence
+    length n: params(n) -> tuple of runtime parameters (kernel arguments, never a recompile); tables(n) -> list of block
     tables (random primitives); positions(mask, n) -> original position per slot of the mask's candidate order, or
     None; tile_classes(mask, n, tables, positions) -> int8 EMPTY/PARTIAL/FULL per tile pair;
     allowed(mask, pos_i, pos_j, n, tables) -> bool tensor, the predicate on position tensors (the CPU path).
@@ -32,7 +33,8 @@ class BlockMasks:
     def __init__(self, *, block, head_masks, num_masks, permuted, int64, params, tables, positions, tile_classes,
                  allowed):
         self.block = block
-        self.head_masks = list(head_masks)
+        self.head_masks = [tuple(m) if isinstance(m, (tuple, list)) else (m,) for m in head_masks]
+        self.num_parts = max(len(m) for m in self.head_masks)  # launches per call: the most parts of a head
         self.num_masks = num_masks
         self.permuted = permuted
         self.int64 = int64
@@ -112,6 +114,9 @@ class Layout:
             chosen = tiles.refine_partial(chosen, allowed, order, n, block)
             positions.append(order)
             classes.append(chosen)
+        if masks.num_parts > 1:  # mask `num_masks`: no tile at all, the k-th part of heads with fewer parts
+            positions.append(None)
+            classes.append(torch.zeros_like(classes[0]))
         classes = torch.stack(classes)
         self.classes = classes  # int8 [masks, q tiles, k tiles]
         self.positions_cpu = positions
@@ -127,7 +132,10 @@ class Layout:
         self.part = lists(classes == tiles.PARTIAL)
         self.full_t = lists((classes == tiles.FULL).transpose(1, 2))
         self.part_t = lists((classes == tiles.PARTIAL).transpose(1, 2))
-        self.head_masks = torch.tensor(masks.head_masks, dtype=torch.int32, device=device)
+        self.num_parts = masks.num_parts
+        # [parts, set heads]: the mask each head runs in launch k (the empty mask past its last part).
+        self.head_masks = torch.tensor([[m[k] if k < len(m) else masks.num_masks for m in masks.head_masks]
+                                        for k in range(masks.num_parts)], dtype=torch.int32, device=device)
         self.positions = torch.zeros(1, dtype=torch.int32, device=device)  # read only by kernels with PERMUTED
         if PERMUTED_ORDERS and masks.permuted:
             rows = [p if p is not None else torch.arange(n) for p in positions]

@@ -19,7 +19,7 @@ from ..shared.launch import (
     launch_kernel,
     uses_triton,
 )
-from .cpu import blocksparse_attention_torch
+from .cpu import blocksparse_attention_torch, combine_parts
 
 try:
     import triton
@@ -71,12 +71,22 @@ def _head_args(q, k, layout):
 
 
 def blocksparse_fwd(q, k, v, scale, layout):
+    """(output, log2-sum-exp per row: +inf for a row with no allowed key). A head split into disjoint parts runs
+    one launch per part, each writing its share in float32, combined by log-sum-exp."""
+    if layout.num_parts == 1:
+        return _fwd_launch(q, k, v, scale, layout, 0, q.dtype)
+    parts = [_fwd_launch(q, k, v, scale, layout, part, torch.float32) for part in range(layout.num_parts)]
+    o, lse = combine_parts(parts, exp=torch.exp2, log=torch.log2)
+    return o.to(q.dtype), lse
+
+
+def _fwd_launch(q, k, v, scale, layout, part, out_dtype):
     batch, num_q_heads, n, dim = q.shape
     masks = layout.masks
-    o = torch.empty_like(q)
+    o = torch.empty(q.shape, device=q.device, dtype=out_dtype)
     lse = torch.empty(batch, num_q_heads, n, device=q.device, dtype=torch.float32)
     args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-            *_head_args(q, k, layout), layout.num_tiles, layout.head_masks, layout.positions,
+            *_head_args(q, k, layout), layout.num_tiles, layout.head_masks[part], layout.positions,
             *layout.full, *layout.part, layout.random, layout.num_tiles, layout.params_tensor, scale * _LOG2E)
     chain = blocksparse_config_chain("blocksparse_fwd", q.dtype, dim, masks.block)
     launch_kernel("blocksparse_fwd", blocksparse_fwd_kernel, lambda bm, bn: (triton.cdiv(n, bm), batch * num_q_heads),
@@ -86,13 +96,29 @@ def blocksparse_fwd(q, k, v, scale, layout):
 
 def blocksparse_bwd(q, k, v, o, lse, do, scale, layout):
     batch, num_q_heads, n, dim = q.shape
-    masks = layout.masks
     do = do.contiguous()
     delta = (o.float() * do.float()).sum(-1)  # [batch, heads, n]: rowsum(dO * O), the softmax-gradient term
-    dq = torch.empty_like(q)
-    dk_per_q = torch.empty(q.shape, device=q.device, dtype=k.dtype)
-    dv_per_q = torch.empty(q.shape, device=q.device, dtype=v.dtype)
-    common = (*_head_args(q, k, layout), layout.num_tiles, layout.head_masks, layout.positions)
+    if layout.num_parts == 1:
+        dq, dk_per_q, dv_per_q = _bwd_launches(q, k, v, do, lse, delta, scale, layout, 0, (q.dtype, k.dtype, v.dtype))
+    else:
+        # Each part's pairs, with the union's LSE and delta, give exactly their share of every gradient.
+        shares = [_bwd_launches(q, k, v, do, lse, delta, scale, layout, part, (torch.float32,) * 3)
+                  for part in range(layout.num_parts)]
+        dq, dk_per_q, dv_per_q = (sum(grads).to(x.dtype) for grads, x in zip(zip(*shares), (q, k, v)))
+    q_per_kv = num_q_heads // k.shape[1]
+    if q_per_kv == 1:
+        return dq, dk_per_q, dv_per_q
+    # Grouped-query attention: a kv head's gradient sums over the query heads that share it.
+    dk = dk_per_q.view(batch, k.shape[1], q_per_kv, n, dim).sum(2)
+    dv = dv_per_q.view(batch, k.shape[1], q_per_kv, n, dim).sum(2)
+    return dq, dk, dv
+
+
+def _bwd_launches(q, k, v, do, lse, delta, scale, layout, part, dtypes):
+    batch, num_q_heads, n, dim = q.shape
+    masks = layout.masks
+    dq, dk_per_q, dv_per_q = (torch.empty(q.shape, device=q.device, dtype=dtype) for dtype in dtypes)
+    common = (*_head_args(q, k, layout), layout.num_tiles, layout.head_masks[part], layout.positions)
     tail = (layout.random, layout.num_tiles, layout.params_tensor, scale, scale * _LOG2E)
     constexprs = _constexprs(masks, q.dtype, dim)
     launch_kernel("blocksparse_dkdv", blocksparse_bwd_dkdv_kernel,
@@ -105,13 +131,7 @@ def blocksparse_bwd(q, k, v, o, lse, do, scale, layout):
                   (q, k, v, do, dq, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
                    *dq.stride()[:3], *common, *layout.full, *layout.part, *tail), constexprs, q,
                   blocksparse_config_chain("blocksparse_dq", q.dtype, dim, masks.block), _candidates(masks.block))
-    q_per_kv = num_q_heads // k.shape[1]
-    if q_per_kv == 1:
-        return dq, dk_per_q, dv_per_q
-    # Grouped-query attention: a kv head's gradient sums over the query heads that share it.
-    dk = dk_per_q.view(batch, k.shape[1], q_per_kv, n, dim).sum(2)
-    dv = dv_per_q.view(batch, k.shape[1], q_per_kv, n, dim).sum(2)
-    return dq, dk, dv
+    return dq, dk_per_q, dv_per_q
 
 
 class _BlocksparseTritonAttention(torch.autograd.Function):
@@ -163,6 +183,8 @@ def blocksparse_aot_specs(masks, dtype="fp16", head_dim=64, kernels=None):
                     FULL_INDEX="*i32", PART_COUNT="*i32", PART_INDEX="*i32", FULL_COUNT_T="*i32",
                     FULL_INDEX_T="*i32", PART_COUNT_T="*i32", PART_INDEX_T="*i32", RANDOM="*i8", NUM_BLOCKS="i32",
                     PARAMS="*i64" if masks.int64 else "*i32")
+    if masks.num_parts > 1:  # split heads: every launch writes its part's share in float32 (blocksparse_fwd/_bwd)
+        pointers.update(O="*fp32", DQ="*fp32", DK="*fp32", DV="*fp32")
     return [(name, kernel, aot_signature(kernel, dtype, pointers, floats=("sm_scale", "sm_scale_log2")),
              aot_configs(blocksparse_config_chain(name, torch_dtype, head_dim, masks.block),
                          _constexprs(masks, torch_dtype, head_dim)))
