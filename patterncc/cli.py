@@ -140,17 +140,39 @@ def _sources(args) -> list:
 
 def run_check(args) -> int:
     """`check`: analyze every pattern of the files (or --pattern) and print the facts, or JSON with --json
-    (schema: docs/check-json.md)."""
+    (schema: docs/check-json.md). Each pattern with set heads is also compiled for n, to report what its
+    generated module's block-sparse kernels compute."""
     from rich.console import Console
 
-    from .analysis.analyze import MAX_N, analyze
+    from .analysis.analyze import MAX_N, analyze, with_module_layout
     from .analysis.report import JSON_SCHEMA_VERSION, print_analysis, select_patterns
 
     if args.n > MAX_N:  # before reading anything: the same limit `analyze` applies
         raise PatternUsageError(f"check takes --n up to {MAX_N}, got {args.n}")
     patterns = [p for source in args.sources for p in select_patterns(source, args.pattern, args.params or {})]
+
+    def module_layout(pattern):
+        """(module_layout_stats at n, None), or (None, why not). Lowering refuses some patterns the analysis
+        takes (a block size over n-dependent parameters, say): that is a note here, never a failed check."""
+        if not any(group.family == "set" for group in pattern.heads):
+            return {}, None
+        from .driver import compile_pattern
+        from .report import module_layout_stats
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # lowering's own warnings are `compile`'s to print
+                compiled = compile_pattern(pattern, layer=args.layer, n=args.n)
+                return module_layout_stats(compiled, args.n), None
+        except PatternError as err:
+            reason = f"lowering refused the pattern: {err.message}"
+        except Exception as err:  # a bug in lowering or in the module must not hide the analysis above it
+            reason = f"building it failed: {type(err).__name__}: {err}"
+        return None, f"the generated module's layout is not reported ({reason})"
+
     with _progress() as progress:
-        analyses = [analyze(p, args.n, layer=args.layer, max_steps=args.max_steps, progress=progress)
+        analyses = [with_module_layout(analyze(p, args.n, layer=args.layer, max_steps=args.max_steps,
+                                               progress=progress), *module_layout(p))
                     for p in patterns]
     if args.json:
         document = {"schema_version": JSON_SCHEMA_VERSION, "patterns": [a.to_json() for a in analyses]}

@@ -7,30 +7,71 @@ from .semantics import bind_pattern
 
 
 def module_layout_stats(compiled: Compiled, n: int) -> dict[int, dict]:
-    """Per mask, the layout the generated module itself builds at n (so the report shows exactly what runs): its
-    visiting order, computed tiles, allowed pairs (from the CPU path's exact plan) and work efficiency, allowed
-    pairs / (computed tiles x block^2). Imports the generated source into a private module."""
+    """Per mask, the layout the generated module itself builds at n (so the report shows exactly what runs):
+    `heads`, the attention heads that use it; the visiting order of queries and of keys (`q_order`, `k_order`:
+    "natural" or "transposed"; `order` is their common value, as the kernels visit both in one order); `computed`
+    tiles (not EMPTY) of all `tiles`; `allowed` pairs, as the kernels see them (FULL tiles whole, PARTIAL ones by
+    the mask's own predicate, in steps of bounded memory: never an n x n mask or the CPU path's plan); and work
+    efficiency, allowed pairs / (computed tiles x block^2). Imports the generated source into a private module."""
+    import sys
     import tempfile
     from pathlib import Path
 
     from .cache import import_file
+    from .runtime import tiles
 
-    if not compiled.plan.masks:
+    kernel_plan = compiled.plan
+    if not kernel_plan.masks:
         return {}
-    with tempfile.TemporaryDirectory(prefix="patterncc-report-") as folder:
-        path = Path(folder) / f"{compiled.module_name}.py"
-        path.write_text(compiled.source, encoding="utf-8")
-        module = import_file(path, f"patterncc_report_{compiled.module_name}_{compiled.key}")
-    layout = module.get_layout(n, "cpu")
-    stats = {}
-    for mask in range(module.NUM_MASKS):
-        plan = module.cpu_gather(layout, mask)
-        allowed = sum(int((~chunk.blocked).sum()) for chunk in plan.chunks) - int((plan.has_keys == 0).sum())
-        computed = int((layout.classes[mask] != 0).sum())
-        stats[mask] = dict(order="transposed" if layout.positions_cpu[mask] is not None else "natural",
-                           computed=computed, tiles=layout.num_tiles ** 2, allowed=allowed,
-                           efficiency=allowed / max(1, computed * module.BLOCK ** 2))
+    name = f"patterncc_report_{compiled.module_name}_{compiled.key}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="patterncc-report-") as folder:
+            path = Path(folder) / f"{compiled.module_name}.py"
+            path.write_text(compiled.source, encoding="utf-8")
+            module = import_file(path, name)
+        with tiles.single_threaded():
+            layout = module.get_layout(n, "cpu")
+            stats = {}
+            for mask in range(module.NUM_MASKS):
+                order = "transposed" if layout.positions_cpu[mask] is not None else "natural"
+                computed = int((layout.classes[mask] != tiles.EMPTY).sum())
+                allowed = _allowed_pairs(layout, mask)
+                heads = [kernel_plan.set_heads[s] for s, masks in enumerate(kernel_plan.head_masks)
+                         if mask in masks]  # a split head lists each of its parts
+                stats[mask] = dict(heads=heads, order=order, q_order=order, k_order=order, computed=computed,
+                                   tiles=layout.num_tiles ** 2, allowed=allowed,
+                                   efficiency=allowed / max(1, computed * module.BLOCK ** 2))
+    finally:
+        sys.modules.pop(name, None)  # and with it the layouts the module cached
     return stats
+
+
+_COUNT_STEP = 1 << 20  # predicate evaluations per step of `_allowed_pairs` (a few MiB at any n)
+
+
+def _allowed_pairs(layout, mask: int) -> int:
+    """The pairs a mask allows, from the module's layout: block^2 per FULL tile (proven allowed, no padding), and on
+    PARTIAL tiles the mask's predicate (`layout.masks.allowed`, as the CPU path calls it) at the positions of the
+    visiting order, padding slots past n left out."""
+    import torch
+
+    from .runtime import tiles
+
+    n, block, classes = layout.n, layout.masks.block, layout.classes[mask]
+    slots = torch.arange(layout.num_tiles * block, dtype=torch.int64)
+    pos = slots.clone()
+    if layout.positions_cpu[mask] is not None:
+        pos[:n] = layout.positions_cpu[mask].to(torch.int64)
+    pos, real = pos.view(-1, block), (slots < n).view(-1, block)
+    count = int((classes == tiles.FULL).sum()) * block * block
+    partial = (classes == tiles.PARTIAL).nonzero()
+    per_step = max(1, _COUNT_STEP // (block * block))
+    for start in range(0, partial.shape[0], per_step):
+        q_tile, k_tile = partial[start:start + per_step].unbind(1)
+        pairs = torch.as_tensor(layout.masks.allowed(mask, pos[q_tile][:, :, None], pos[k_tile][:, None, :], n,
+                                                     layout.random_cpu))
+        count += int((pairs & real[q_tile][:, :, None] & real[k_tile][:, None, :]).sum())
+    return count
 
 
 def compile_report(compiled: Compiled, n: int) -> str:
@@ -48,10 +89,10 @@ def compile_report(compiled: Compiled, n: int) -> str:
              f"attention heads: {kernel_plan.num_heads} ({compiled.pattern.combine}); block {kernel_plan.block}; "
              f"{'causal' if kernel_plan.causal else 'bidirectional'}", ""]
     for mask in kernel_plan.masks:
-        heads = [kernel_plan.set_heads[s] for s, m in enumerate(kernel_plan.head_masks) if m == mask.index]
+        heads = [kernel_plan.set_heads[s] for s, m in enumerate(kernel_plan.head_masks) if mask.index in m]
         counts = layouts[heads[0]].counts()
         total = sum(counts.values())
-        lines.append(f"mask {mask.index} ({' | '.join(mask.heads)}), heads {heads}")
+        lines.append(f"mask {mask.index} ({mask.label}), heads {heads}")
         lines.append(f"  allows: {mask.math}")
         lines.append(f"  order:  {mask.period_formula + ' (where it halves the tiles)' if mask.period else 'natural'}")
         lines.append(f"  tiles at n={n} (natural order): {counts['full']} full, {counts['partial']} partial, "

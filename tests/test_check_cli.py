@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import patterncc
 from patterncc.cli import main
@@ -39,14 +40,14 @@ def check_json(capsys, *argv) -> dict:
 HEAD_KEYS = {"name", "group", "h", "count", "family", "rows", "nonzeros", "density", "empty_rows", "first_empty_row",
              "layout", "cost", "permutation"}
 TOP_KEYS = {"pattern", "file", "n", "layer", "causal", "block", "combine", "params", "lets", "allowed_pairs", "heads",
-            "union", "layer_heads", "coverage", "warnings", "notes"}
+            "union", "layer_heads", "coverage", "warnings", "notes", "set_heads"}
 COVERAGE_KEYS = {"status", "steps", "max_steps", "fractions", "covered_pairs", "witness", "sequence", "note"}
 
 
 def test_json_keys_and_values_for_strided(capsys):
     n, l = 200, 7  # noqa: E741 - neither a multiple of the other, nor of the block
     document = check_json(capsys, EXAMPLES_DIR / "strided.attn", "--n", n, "-D", f"l={l}")
-    assert document["schema_version"] == 1
+    assert document["schema_version"] == 2
     (result,) = document["patterns"]
     assert set(result) == TOP_KEYS
     assert (result["pattern"], result["n"], result["causal"], result["block"]) == ("strided", n, True, 64)
@@ -77,7 +78,9 @@ def test_json_keys_and_values_for_strided(capsys):
         assert (coverage["status"], coverage["steps"], coverage["witness"]) == ("covered", 2, None)
         assert coverage["fractions"][-1] == 1.0 and coverage["covered_pairs"][-1] == n * (n + 1) // 2
     assert result["coverage"]["declared_order"]["sequence"] == ["local", "stride"]
-    assert result["layer_heads"] == ["local", "stride"] and result["warnings"] == []
+    assert result["layer_heads"] == ["local", "stride"]
+    # 4 tiles at n = 200: the module's kernels waste work (see test_wasted_kernel_work_warns), but no row is empty
+    assert not [w for w in result["warnings"] if "attends to no key" in w]
 
 
 def test_json_reports_failure_with_a_witness(capsys):
@@ -166,3 +169,88 @@ def test_every_json_key_is_documented(capsys):
 
     missing = {where for document in documents for key, where in keys(document) if f"`{key}`" not in doc}
     assert not missing, f"undocumented keys: {sorted(missing)}"
+
+
+# What the generated module computes (`set_heads`) -----------------------------------------------------------------
+
+SET_HEAD_KEYS = {"name": str, "attention_heads": list, "masks": list, "computed_tiles": int, "total_tiles": int,
+                 "dense_tiles": int, "nonzeros": int, "efficiency": float}
+SET_MASK_KEYS = {"mask": int, "q_order": str, "k_order": str, "computed_tiles": int, "nonzeros": int,
+                 "efficiency": float}
+
+
+def test_set_heads_keys_types_and_efficiency(capsys):
+    n, l = 1000, 16  # noqa: E741
+    (result,) = check_json(capsys, EXAMPLES_DIR / "strided.attn", "--n", n, "-D", f"l={l}")["patterns"]
+    block, tiles = result["block"], -(-n // result["block"])
+    heads = {h["name"]: h for h in result["heads"]}
+    assert [entry["name"] for entry in result["set_heads"]] == ["local", "stride"]
+    for entry in result["set_heads"]:
+        assert {key: type(value) for key, value in entry.items()} == SET_HEAD_KEYS, entry
+        assert entry["total_tiles"] == tiles ** 2 and entry["dense_tiles"] == tiles * (tiles + 1) // 2
+        assert entry["efficiency"] == pytest.approx(entry["nonzeros"] / (entry["computed_tiles"] * block ** 2),
+                                                    rel=1e-12)
+        assert entry["nonzeros"] == heads[entry["name"]]["nonzeros"]
+        for mask in entry["masks"]:
+            assert {key: type(value) for key, value in mask.items()} == SET_MASK_KEYS, mask
+            assert mask["q_order"] == mask["k_order"] and mask["q_order"] in ("natural", "transposed")
+            assert mask["efficiency"] == pytest.approx(mask["nonzeros"] / (mask["computed_tiles"] * block ** 2),
+                                                       rel=1e-12)
+        assert entry["computed_tiles"] == sum(m["computed_tiles"] for m in entry["masks"])
+        assert entry["nonzeros"] == sum(m["nonzeros"] for m in entry["masks"])
+    assert [h["attention_heads"] for h in result["set_heads"]] == [[0], [1]]
+    # stride(16) at n = 1000 is visited as a 16-column grid read column by column: the transpose pays here
+    assert result["set_heads"][1]["masks"][0]["q_order"] == "transposed"
+
+
+def test_set_heads_of_local_match_a_dense_mask(capsys):
+    n, w, block = 1000, 100, 64  # n not a multiple of the block: the last tiles hold padding
+    (result,) = check_json(capsys, EXAMPLES_DIR / "local.attn", "--n", n, "-D", f"w={w}")["patterns"]
+    (entry,) = result["set_heads"]
+    assert entry["name"] == "window" and entry["attention_heads"] == [0, 1, 2, 3] and len(entry["masks"]) == 1
+    dense = pattern_mask(patterncc.parse(EXAMPLES_DIR / "local.attn", w=w), n)
+    tiles = -(-n // block)
+    padded = torch.zeros(4, tiles * block, tiles * block, dtype=torch.bool)
+    padded[:, :n, :n] = dense
+    touched = padded.view(4, tiles, block, tiles, block).any(dim=4).any(dim=2)  # [head, q tile, k tile]
+    for head in entry["attention_heads"]:
+        assert entry["nonzeros"] == int(dense[head].sum())
+        assert entry["computed_tiles"] == int(touched[head].sum())  # natural order: the tiles with an allowed pair
+    (mask,) = entry["masks"]
+    assert (mask["q_order"], mask["k_order"]) == ("natural", "natural")
+    assert entry["total_tiles"] == tiles ** 2 and entry["dense_tiles"] == tiles * (tiles + 1) // 2
+    assert entry["efficiency"] == pytest.approx(int(dense[0].sum()) / (int(touched[0].sum()) * block ** 2))
+    assert result["warnings"] == []
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("pattern p() { causal\n head a = where i == j or i - j == 100 }", "work efficiency 0.01"),
+    ("pattern p(w = n // 2) { causal\n head a = local(w) }", "more than half the 136 causal tiles"),
+], ids=["one-diagonal", "half-window"])
+def test_wasted_kernel_work_warns(capsys, text, reason):
+    code, out, err = run(capsys, "check", "--text", text, "--n", 1024, "--json")
+    assert code == 0, err
+    (result,) = json.loads(out)["patterns"]
+    (warning,) = result["warnings"]
+    assert warning.startswith("pattern `p`, head `a`: at n = 1024 its kernels compute") and reason in warning
+    assert f"warning: {warning}" in err
+
+
+def test_no_set_heads_and_lowering_failures(capsys):
+    for name in ("reformer.attn", "linear.attn"):
+        assert check_json(capsys, EXAMPLES_DIR / name, "--n", 128)["patterns"][0]["set_heads"] == []
+    # The analysis takes a block size over n-dependent parameters; lowering refuses it: a note, not a failure.
+    text = "pattern p(b = n // 4) { causal\n block b\n head a = local(2) }"
+    (result,) = check_json(capsys, "--text", text, "--n", 256)["patterns"]
+    assert result["set_heads"] is None and result["heads"][0]["nonzeros"] == 256 + 255 + 254
+    assert any("lowering refused" in note and "block size must not depend on n" in note for note in result["notes"])
+    code, out, err = run(capsys, "check", "--text", text, "--n", 256)
+    assert code == 0 and "Block-sparse kernels" not in out and "lowering refused" in out and not err.strip()
+
+
+def test_text_report_of_the_module(capsys):
+    code, out, err = run(capsys, "check", EXAMPLES_DIR / "strided.attn", "--n", 1000, "-D", "l=16")
+    assert code == 0 and not err.strip(), err
+    for text in ("Block-sparse kernels (the generated module at n = 1000", "attention heads",
+                 "natural / natural", "transposed / transposed", "dense (causal)"):
+        assert text in out, text

@@ -9,11 +9,15 @@ Passes, in order:
      the data and are left out);
   4. path-length-p coverage (`coverage`) of the merged union and of the declared head order;
   5. which entry each attention head of the requested layer runs (`combine`).
+
+`with_module_layout` then adds what the generated module's block-sparse kernels compute at n (the CLI builds the
+module: this stage never imports the compiler).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -86,6 +90,55 @@ class HeadAnalysis:
 
 
 @dataclass(frozen=True)
+class ModuleMask:
+    """One mask of the generated module at n: its visiting order of queries and of keys ("natural" or
+    "transposed"), the tiles its kernels compute (not EMPTY) and the pairs it allows."""
+
+    mask: int
+    q_order: str
+    k_order: str
+    computed: int
+    allowed: int
+    efficiency: float  # allowed / (computed x block^2)
+
+    def to_json(self) -> dict:
+        return {"mask": self.mask, "q_order": self.q_order, "k_order": self.k_order,
+                "computed_tiles": self.computed, "nonzeros": self.allowed, "efficiency": self.efficiency}
+
+
+@dataclass(frozen=True)
+class ModuleHead:
+    """What the generated module's block-sparse kernels compute for one entry of `Analysis.heads` (or the union)
+    at n: its masks (several when the head is split into disjoint parts, each visited in its own order), their
+    tiles and pairs together, against the tiles a dense kernel computes."""
+
+    name: str  # the entry's name, as in `Analysis.heads`
+    attention_heads: tuple[int, ...]  # the attention heads of the layer that run it
+    masks: tuple[ModuleMask, ...]
+    block: int
+    tiles: int  # all tile pairs: num_tiles^2
+    dense_tiles: int  # a dense kernel's: num_tiles (num_tiles + 1) / 2 when causal, else all
+
+    @property
+    def computed(self) -> int:
+        return sum(m.computed for m in self.masks)
+
+    @property
+    def allowed(self) -> int:
+        return sum(m.allowed for m in self.masks)
+
+    @property
+    def efficiency(self) -> float:
+        return self.allowed / max(1, self.computed * self.block ** 2)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "attention_heads": list(self.attention_heads),
+                "masks": [m.to_json() for m in self.masks], "computed_tiles": self.computed,
+                "total_tiles": self.tiles, "dense_tiles": self.dense_tiles, "nonzeros": self.allowed,
+                "efficiency": self.efficiency}
+
+
+@dataclass(frozen=True)
 class Analysis:
     pattern: ir.Pattern
     bound: ir.Bound
@@ -97,6 +150,8 @@ class Analysis:
     layer_heads: tuple[str, ...]  # per attention head of `layer`: the name of the entry it runs
     warnings: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    # What the generated module computes (`with_module_layout`); None until added, or when it could not be built.
+    module_heads: tuple[ModuleHead, ...] | None = None
 
     @property
     def n(self) -> int:
@@ -123,6 +178,7 @@ class Analysis:
             "layer_heads": list(self.layer_heads),
             "coverage": {key: result.to_json() for key, result in self.coverage.items()},
             "warnings": list(self.warnings), "notes": list(self.notes),
+            "set_heads": None if self.module_heads is None else [head.to_json() for head in self.module_heads],
         }
 
 
@@ -210,6 +266,53 @@ def _analyze(pattern: ir.Pattern, n: int, layer: int, max_steps: int, progress: 
     layer_heads = tuple(_entry_name(pairs, pattern.combine) for pairs in bound.head_sets(layer))
     return Analysis(pattern, bound, layer, max_steps, tuple(heads), union_entry, results, layer_heads,
                     tuple(warnings), tuple(notes))
+
+
+LOW_EFFICIENCY = 0.1  # a head computing fewer allowed pairs than this share of its tiles' pairs is a warning
+
+
+def with_module_layout(analysis: Analysis, stats: dict[int, dict] | None, why_not: str | None = None) -> Analysis:
+    """`analysis` with what the generated module's block-sparse kernels compute at its n, per entry and per mask.
+
+    stats: mask -> its facts at n, from `patterncc.report.module_layout_stats` (`heads`: the attention heads of
+    the layer using it; `q_order`, `k_order`, `computed`, `tiles`, `allowed`, `efficiency`); None when the module
+    could not be generated, and `why_not` (a note) says why. A head whose work efficiency is below LOW_EFFICIENCY,
+    or that computes more than half the tiles of a dense kernel (which would then do as well), is a warning,
+    unless n fits in one tile."""
+    if stats is None:
+        return dataclasses.replace(analysis, notes=(*analysis.notes, why_not or "the generated module was not built"))
+    pattern, bound = analysis.pattern, analysis.bound
+    runs: dict[int, list[int]] = {}  # attention head -> its masks
+    for mask, run in sorted(stats.items()):
+        for head in run["heads"]:
+            runs.setdefault(head, []).append(mask)
+    grouped: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    for head, masks in sorted(runs.items()):
+        grouped.setdefault((analysis.layer_heads[head], tuple(masks)), []).append(head)
+    heads, warnings = [], []
+    for (name, masks), attention_heads in grouped.items():
+        total = stats[masks[0]]["tiles"]
+        num_tiles = math.isqrt(total)
+        entry = ModuleHead(name, tuple(attention_heads), tuple(
+            ModuleMask(m, stats[m]["q_order"], stats[m]["k_order"], stats[m]["computed"], stats[m]["allowed"],
+                       stats[m]["efficiency"]) for m in masks), bound.block, total,
+            num_tiles * (num_tiles + 1) // 2 if pattern.causal else total)
+        heads.append(entry)
+        reasons = []
+        # When n fits in one tile, every kernel computes that tile: no layout could do better.
+        if num_tiles > 1 and entry.computed and entry.efficiency < LOW_EFFICIENCY:
+            reasons.append(f"work efficiency {entry.efficiency:.3f} is below {LOW_EFFICIENCY} (most computed pairs "
+                           f"are masked out)")
+        if num_tiles > 1 and 2 * entry.computed > entry.dense_tiles:
+            dense = f"{entry.dense_tiles} {'causal ' if pattern.causal else ''}tiles of a dense kernel"
+            reasons.append(f"{entry.computed} tiles are more than half the {dense}, which would do as well")
+        if reasons:
+            message = (f"pattern `{pattern.name}`, head `{name}`: at n = {bound.n} its kernels compute "
+                       f"{entry.computed} of {total} tiles of {bound.block} x {bound.block} for {entry.allowed} "
+                       f"allowed pairs; {', and '.join(reasons)}")
+            warnings.append(message)
+            warn(message)
+    return dataclasses.replace(analysis, warnings=(*analysis.warnings, *warnings), module_heads=tuple(heads))
 
 
 def _summary(layout: BlockLayout) -> LayoutSummary:

@@ -12,7 +12,7 @@ from ..semantics import override_params
 from .analyze import Analysis, HeadAnalysis
 from .cost import format_order
 
-JSON_SCHEMA_VERSION = 1
+JSON_SCHEMA_VERSION = 2  # 2: `set_heads`, and `warnings` on the module's work
 
 
 def select_patterns(path, name: str | None, params: dict[str, int]) -> list[ir.Pattern]:
@@ -49,11 +49,13 @@ def print_analysis(console: Console, analysis: Analysis) -> None:
     permutations = _permutation_table(analysis)
     if permutations.row_count:
         console.print(permutations)
+    if analysis.module_heads:
+        console.print(_module_table(analysis))
     if pattern.combine != "multihead" or analysis.layer:
         console.print(f"layer {analysis.layer} attention heads run: {', '.join(analysis.layer_heads)}")
     for note in analysis.notes:
         console.print(f"note: {note}")
-    # Warnings (empty rows) go through `warnings.warn`: the CLI prints them on stderr.
+    # Warnings (empty rows, wasted kernel work) go through `warnings.warn`: the CLI prints them on stderr.
 
 
 def _heads_table(analysis: Analysis) -> Table:
@@ -114,4 +116,25 @@ def _permutation_table(analysis: Analysis) -> Table:
         chosen = choice.chosen.formula if choice.chosen else "none (no candidate halves the block density)"
         table.add_row(entry.name, ", ".join(map(str, sorted(choice.candidates))), f"{choice.natural_density:.4f}",
                       f"{(choice.permuted_density if choice.chosen else best):.4f}", chosen)
+    return table
+
+
+def _module_table(analysis: Analysis) -> Table:
+    block, dense = analysis.bound.block, "causal" if analysis.pattern.causal else "all"
+    table = Table(title=f"Block-sparse kernels (the generated module at n = {analysis.n}; efficiency = allowed pairs "
+                        f"/ (computed tiles x {block}^2))", title_justify="left")
+    for column in ("head", "attention heads", "mask", "order (q / k)", "computed tiles", "of tiles",
+                   f"dense ({dense})", "allowed pairs", "efficiency"):
+        table.add_column(column, justify="left" if column in ("head", "attention heads", "order (q / k)") else "right")
+    for entry in analysis.module_heads:
+        heads = ", ".join(map(str, entry.attention_heads))
+        totals = [str(entry.tiles), str(entry.dense_tiles)]
+        if len(entry.masks) > 1:  # a head split into parts: their sum, then each part
+            table.add_row(entry.name, heads, "all", "-", str(entry.computed), *totals, f"{entry.allowed:,}",
+                          f"{entry.efficiency:.3f}")
+        for mask in entry.masks:
+            first = len(entry.masks) == 1
+            table.add_row(entry.name if first else "", heads if first else "", str(mask.mask),
+                          f"{mask.q_order} / {mask.k_order}", str(mask.computed), *(totals if first else ["", ""]),
+                          f"{mask.allowed:,}", f"{mask.efficiency:.3f}")
     return table
