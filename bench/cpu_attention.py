@@ -64,8 +64,13 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compile takes a while)")
+    parser.add_argument("--no-masked", action="store_true",
+                        help="skip dense masked SDPA (its n x n mask and scores need ~5 GB at n = 16384)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     n, heads, dim = args.n, args.heads, args.dim
     q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
@@ -79,15 +84,17 @@ def main() -> None:
         module = load_module(EXAMPLES / file, **params)
         ours = module.__dict__[next(name for name in dir(module) if isinstance(getattr(module, name), type)
                                     and issubclass(getattr(module, name), torch.nn.Module))](backend="torch")
-        mask = pattern_mask(pattern, n).repeat_interleave(heads // bind_pattern(pattern, n).num_heads, dim=0)[None]
+        if not args.no_masked:
+            mask = pattern_mask(pattern, n).repeat_interleave(heads // bind_pattern(pattern, n).num_heads, dim=0)[None]
         row = {"pattern": label}
         with console.status(f"{label}: patterncc"):
             row["patterncc_fwd"] = median_seconds(lambda: ours(q, k, v), args.repeats)
             row["patterncc_fwd_bwd"] = median_seconds(forward_backward(ours, q, k, v), args.repeats)
-        with console.status(f"{label}: masked SDPA"):
-            masked = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask)  # noqa: E731
-            row["sdpa_masked_fwd"] = median_seconds(lambda: masked(q, k, v), args.repeats)
-            row["sdpa_masked_fwd_bwd"] = median_seconds(forward_backward(masked, q, k, v), args.repeats)
+        if not args.no_masked:
+            with console.status(f"{label}: masked SDPA"):
+                masked = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask)  # noqa: E731
+                row["sdpa_masked_fwd"] = median_seconds(lambda: masked(q, k, v), args.repeats)
+                row["sdpa_masked_fwd_bwd"] = median_seconds(forward_backward(masked, q, k, v), args.repeats)
         with console.status(f"{label}: causal SDPA"):
             causal = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
             row["sdpa_causal_fwd"] = median_seconds(lambda: causal(q, k, v), args.repeats)
@@ -103,14 +110,15 @@ def main() -> None:
     for column in ("pattern", "patterncc fwd s", "vs masked SDPA", "vs causal SDPA", "vs FlexAttention",
                    "patterncc fwd+bwd s", "vs masked SDPA", "vs causal SDPA"):
         table.add_column(column, justify="left" if column == "pattern" else "right")
+    def ratio(r, other, ours):
+        return f"{r[other] / r[ours]:.1f}x" if r.get(other) else "n/a"
+
     for r in results:
-        flex = r.get("flex_fwd")
         table.add_row(
-            r["pattern"], f"{r['patterncc_fwd']:.3f}", f"{r['sdpa_masked_fwd'] / r['patterncc_fwd']:.1f}x",
-            f"{r['sdpa_causal_fwd'] / r['patterncc_fwd']:.1f}x",
-            f"{flex / r['patterncc_fwd']:.1f}x" if flex else "n/a",
-            f"{r['patterncc_fwd_bwd']:.3f}", f"{r['sdpa_masked_fwd_bwd'] / r['patterncc_fwd_bwd']:.1f}x",
-            f"{r['sdpa_causal_fwd_bwd'] / r['patterncc_fwd_bwd']:.1f}x")
+            r["pattern"], f"{r['patterncc_fwd']:.3f}", ratio(r, "sdpa_masked_fwd", "patterncc_fwd"),
+            ratio(r, "sdpa_causal_fwd", "patterncc_fwd"), ratio(r, "flex_fwd", "patterncc_fwd"),
+            f"{r['patterncc_fwd_bwd']:.3f}", ratio(r, "sdpa_masked_fwd_bwd", "patterncc_fwd_bwd"),
+            ratio(r, "sdpa_causal_fwd_bwd", "patterncc_fwd_bwd"))
     console.print(table)
     console.print("ratios are speed-ups of patterncc (other's time / patterncc's time), measured in this run")
     if args.json:

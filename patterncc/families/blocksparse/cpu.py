@@ -69,7 +69,8 @@ def _sampled_work(layout, mask, classes, positions):
     t = layout.num_tiles
     counts, index, pos, real = _order(layout, classes, positions)
     sample = sorted({(k * (t - 1)) // max(1, CPU_SAMPLED_TILES - 1) for k in range(min(t, CPU_SAMPLED_TILES))})
-    widths = [int(_compact(layout, mask, index[i:i + 1], counts[i:i + 1], i, pos, real)[2][0]) for i in sample]
+    widths = [int(_compact(layout, mask, classes, index[i:i + 1], counts[i:i + 1], i, pos, real)[2][0])
+              for i in sample]
     return sum(widths) / len(widths)
 
 
@@ -94,7 +95,8 @@ def _plan(layout, mask, classes, positions):
         while stop < min(start + CPU_CHUNK, t) and \
                 (stop + 1 - start) * block * int(counts[start:stop + 1].max()) * block <= _PLAN_PER_CHUNK:
             stop += 1
-        slots, allowed, widths = _compact(layout, mask, index[start:stop], counts[start:stop], start, pos, real)
+        slots, allowed, widths = _compact(layout, mask, classes, index[start:stop], counts[start:stop], start, pos,
+                                          real)
         chunk, allowed = _share(start, stop, slots, allowed, widths)
         rows_with_keys = allowed.any(dim=-1, keepdim=True)
         # A row with no allowed key softmaxes over one dummy key instead of none (which would give NaN); its
@@ -106,22 +108,29 @@ def _plan(layout, mask, classes, positions):
     return CpuPlan(positions, chunks, torch.cat(has_keys))
 
 
-def _compact(layout, mask, index, counts, first_tile, pos, real):
-    """For query tiles first_tile.. (their key-tile lists `index`, `counts`): (key slots [tiles, w], allowed
-    [tiles, block, w], widths [tiles]), keeping only key slots some row of the tile may see, left-aligned."""
+def _compact(layout, mask, classes, index, counts, first_tile, pos, real):
+    """For query tiles first_tile.. (their key-tile lists `index`, `counts` in the order `classes` describes): (key
+    slots [tiles, w], allowed [tiles, block, w], widths [tiles]), keeping only key slots some row of the tile may
+    see, left-aligned. The predicate is evaluated on PARTIAL tiles only: a FULL tile allows every pair."""
     block, n = layout.masks.block, layout.n
     tiles_here = index.shape[0]
     width = max(1, int(counts.max()))
     index = index[:, :width].to(torch.int64)
     k_slot = (index[:, :, None] * block + torch.arange(block)).reshape(tiles_here, width * block)
-    listed = (torch.arange(width)[None, :] < counts[:, None]).repeat_interleave(block, dim=1) & real[k_slot]
-    allowed = torch.zeros(tiles_here, block, width * block, dtype=torch.bool)
-    per_step = max(1, _PLAN_PER_STEP // (block * width * block))
-    for a in range(0, tiles_here, per_step):
+    listed_tiles = torch.arange(width)[None, :] < counts[:, None]
+    listed = listed_tiles.repeat_interleave(block, dim=1) & real[k_slot]
+    tile_class = classes[first_tile:first_tile + tiles_here].gather(1, index)  # [tiles, width]
+    allowed = (tile_class == tiles.FULL).repeat_interleave(block, dim=1)[:, None, :].repeat(1, block, 1)
+    # Columns of the PARTIAL tiles; list padding repeats column block 0, where the predicate is exact too.
+    part_counts, part_index = tiles.tile_lists((tile_class == tiles.PARTIAL) & listed_tiles)
+    part_cols = (part_index.to(torch.int64)[:, :, None] * block + torch.arange(block)).reshape(tiles_here, -1)
+    per_step = max(1, _PLAN_PER_STEP // (block * part_cols.shape[1]))
+    for a in range(0, tiles_here if int(part_counts.max()) else 0, per_step):
         b = min(a + per_step, tiles_here)
         rows = pos[(first_tile + a) * block:(first_tile + b) * block].view(b - a, block)
-        allowed[a:b] = layout.masks.allowed(mask, rows[:, :, None], pos[k_slot[a:b]][:, None, :], n,
-                                            layout.random_cpu)
+        keys = pos[k_slot[a:b].gather(1, part_cols[a:b])]
+        values = layout.masks.allowed(mask, rows[:, :, None], keys[:, None, :], n, layout.random_cpu)
+        allowed[a:b].scatter_(2, part_cols[a:b, None, :].expand(b - a, block, part_cols.shape[1]), values)
     query_real = real[first_tile * block:(first_tile + tiles_here) * block].view(tiles_here, block)
     allowed &= listed[:, None, :] & query_real[:, :, None]
     widths, keep = tiles.tile_lists(allowed.any(dim=1))
