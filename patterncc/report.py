@@ -58,11 +58,8 @@ def _allowed_pairs(layout, mask: int) -> int:
     from .runtime import tiles
 
     n, block, classes = layout.n, layout.masks.block, layout.classes[mask]
-    slots = torch.arange(layout.num_tiles * block, dtype=torch.int64)
-    pos = slots.clone()
-    if layout.positions_cpu[mask] is not None:
-        pos[:n] = layout.positions_cpu[mask].to(torch.int64)
-    pos, real = pos.view(-1, block), (slots < n).view(-1, block)
+    pos, real = (x.view(-1, block) for x in tiles.slot_positions(layout.positions_cpu[mask], n, layout.num_tiles,
+                                                                    block))
     count = int((classes == tiles.FULL).sum()) * block * block
     partial = (classes == tiles.PARTIAL).nonzero()
     per_step = max(1, _COUNT_STEP // (block * block))

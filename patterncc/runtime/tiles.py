@@ -398,6 +398,16 @@ def classify_tile_pieces(predicate, q_tiles, k_tiles, n: int, tile_m: int, tile_
     return _never_full_past_n(classes, n, tile_m, tile_n)
 
 
+def slot_positions(positions, n: int, num_tiles: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the original position each of the num_tiles * tile slots of a visiting order holds, which slots exist):
+    `positions` (None: natural order) for the first n slots; padding slots past n hold their own index."""
+    slots = torch.arange(num_tiles * tile, dtype=torch.int64)
+    pos = slots.clone()
+    if positions is not None:
+        pos[:n] = positions.to(torch.int64)
+    return pos, slots < n
+
+
 # Exact refinement of PARTIAL tiles: at most this many predicate evaluations per mask and sequence length (about
 # 0.2 s of torch int64 work on one core), in steps of at most _REFINE_STEP pairs (bounded memory). Tiles past the
 # budget keep their closed-form class: sound, only possibly PARTIAL where EMPTY or FULL would be exact.
@@ -418,11 +428,7 @@ def refine_partial(classes: torch.Tensor, allowed, positions, n: int, tile: int,
     if candidates.numel() == 0:
         return classes
     num_tiles = classes.shape[0]
-    slots = torch.arange(num_tiles * tile, dtype=torch.int64)
-    pos = slots.clone()
-    if positions is not None:
-        pos[:n] = positions.to(torch.int64)
-    pos, real = pos.view(num_tiles, tile), (slots < n).view(num_tiles, tile)
+    pos, real = (x.view(num_tiles, tile) for x in slot_positions(positions, n, num_tiles, tile))
     refined = classes.clone()
     spent = 0
     per_step = max(1, _REFINE_STEP // (tile * tile))

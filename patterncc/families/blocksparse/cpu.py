@@ -78,10 +78,8 @@ def _order(layout, classes, positions):
     """(key tiles listed per query tile: counts, index; original position per slot; which slots exist)."""
     n, t, block = layout.n, layout.num_tiles, layout.masks.block
     counts, index = tiles.tile_lists(classes != tiles.EMPTY)
-    pos = torch.arange(t * block, dtype=torch.int64)
-    if PERMUTED_ORDERS and positions is not None:
-        pos[:n] = positions
-    return counts.to(torch.int64), index, pos, torch.arange(t * block) < n
+    pos, real = tiles.slot_positions(positions, n, t, block)
+    return counts.to(torch.int64), index, pos, real
 
 
 def _plan(layout, mask, classes, positions):
