@@ -6,7 +6,7 @@ from pathlib import Path
 
 from . import ir
 from .errors import PatternError, PatternUsageError
-from .parse import parse_source, read_source
+from .parse import Source, parse_source, read_source
 from .semantics import check_module, override_params
 
 
@@ -48,10 +48,30 @@ def load(text_or_path: str | Path, pattern: str | None = None, layer: int = 0, s
     "triton" or "torch". `head_dim` draws the random buffers of hashed and FAVOR+ heads at once (otherwise at the
     first call). Compiled modules are cached (PATTERNCC_CACHE_DIR, default ~/.cache/patterncc).
     """
+    cls = _loaded_class(Source(*read_source(text_or_path)), pattern, layer, params)
+    return cls(scale=scale, backend=backend, head_dim=head_dim)
+
+
+def _loaded_class(source, pattern, layer, params):
+    """The attention class of the pattern's generated module (compiled, or taken from the cache), picklable."""
     from .cache import load_module  # the compiler and torch load here, not with the package
 
-    module = load_module(text_or_path, pattern=pattern, layer=layer, **params)
+    module = load_module(source, pattern=pattern, layer=layer, **params)
     cls = next(getattr(module, name) for name in dir(module)
                if isinstance(getattr(module, name), type) and getattr(getattr(module, name), "__module__", "") ==
                module.__name__ and hasattr(getattr(module, name), "num_heads"))
-    return cls(scale=scale, backend=backend, head_dim=head_dim)
+    cls._patterncc_origin = (source, pattern, layer, params)
+    cls.__reduce_ex__ = _reduce_loaded
+    return cls
+
+
+def _reduce_loaded(self, protocol):
+    """Pickling a loaded module: its class is rebuilt from the pattern's text (compiled again, or taken from the
+    cache, in the process that unpickles), then its state (parameters, buffers, settings) is restored. So
+    `torch.save(model)` of a model holding patterncc modules loads in a fresh process."""
+    return _rebuild_loaded, type(self)._patterncc_origin, self.__dict__.copy()
+
+
+def _rebuild_loaded(source, pattern, layer, params):
+    cls = _loaded_class(source, pattern, layer, params)
+    return cls.__new__(cls)

@@ -452,7 +452,7 @@ _LIBRARY_ENTRY_POINTS = ("CONFIG_OVERRIDE", "blocksparse_attention", "lsh_attent
 
 
 def _public_names(kernel_plan: KernelPlan, context: dict, library_names: frozenset[str]) -> list[str]:
-    names = [kernel_plan.class_name, "attention", "NUM_HEADS", "HEAD_FAMILIES", "CAUSAL", "PATTERN_KEY"]
+    names = [kernel_plan.class_name, "attention", "ATTENTION_OP", "NUM_HEADS", "HEAD_FAMILIES", "CAUSAL", "PATTERN_KEY"]
     if kernel_plan.masks:
         names += ["SET_HEADS", "PATTERN_MASKS", "get_layout"]
     if context["buffer_names"]:

@@ -1,0 +1,76 @@
+"""A generated module's attention as one opaque operator, for torch.compile and torch.export.
+
+Eager calls run the families directly: layouts are built per sequence length in Python, with data-dependent
+branches a tracer cannot follow. Under torch.compile or torch.export (and for meta tensors) the module calls
+one custom operator instead, `patterncc_<pattern key>::attention`, whose fake implementation gives the output's
+shape from the inputs' shapes alone. The graph then holds a single node per attention call, with the sequence
+length symbolic: a new n runs the same graph and builds its layout inside the operator, never a recompile.
+
+The backward operator recomputes the forward with autograd enabled and differentiates it: exact, and every
+family's own backward runs, at the cost of one more forward pass per backward (eager calls do not pay it).
+"""
+
+import torch
+
+# The dispatcher's thread-local key sets outside any operator. An operator's implementation runs with autograd
+# dispatch excluded; the backward operator restores these to differentiate the recomputed forward.
+_OUTSIDE_OPERATORS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+
+
+def attention_op_namespace(pattern_key):
+    """The operator namespace of a pattern: its identity key, so modules of different patterns never share an
+    operator, and the same pattern imported twice reuses the one registered first (same key, same code)."""
+    return f"patterncc_{pattern_key}"
+
+
+def register_attention_ops(namespace, attention_fn):
+    """Register `namespace::attention` (q, k, v, scale, backend, buffers) -> out and its backward, once per
+    namespace, and return the forward operator. attention_fn(q, k, v, scale, backend, buffers) is the eager
+    attention: scale a float, buffers the module's random draws as a list (empty for none)."""
+    ops = getattr(torch.ops, namespace)
+    if hasattr(ops, "attention"):
+        return ops.attention
+
+    @torch.library.custom_op(f"{namespace}::attention", mutates_args=())
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str,
+                  buffers: list[torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            return attention_fn(q, k, v, scale, backend, buffers)
+
+    @attention.register_fake
+    def _(q, k, v, scale, backend, buffers):
+        return q.new_empty(q.shape[:-1] + v.shape[-1:])
+
+    @torch.library.custom_op(f"{namespace}::attention_backward", mutates_args=())
+    def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                           backend: str, buffers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                               torch.Tensor]:
+        inputs = [x.detach().requires_grad_() for x in (q, k, v)]
+        with torch._C._ForceDispatchKeyGuard(*_OUTSIDE_OPERATORS), torch.enable_grad():
+            out = attention_fn(*inputs, scale, backend, buffers)
+        # An input the pattern never reads (keys of shared-QK hashed heads) gets a zero gradient.
+        grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+        return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+
+    @attention_backward.register_fake
+    def _(grad_out, q, k, v, scale, backend, buffers):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, backend, buffers = inputs
+        ctx.save_for_backward(q, k, v, *buffers)
+        ctx.scale, ctx.backend = scale, backend
+
+    def backward(ctx, grad_out):
+        q, k, v, *buffers = ctx.saved_tensors
+        dq, dk, dv = attention_backward(grad_out.contiguous(), q, k, v, ctx.scale, ctx.backend, buffers)
+        return dq, dk, dv, None, None, [None] * len(buffers)  # no gradient for the random draws
+
+    attention.register_autograd(backward, setup_context=setup_context)
+    return ops.attention
+
+
+def run_as_operator(q):
+    """Whether a call goes through the operator: while torch.compile or torch.export traces it, or on the meta
+    device (shapes only)."""
+    return torch.compiler.is_compiling() or q.device.type == "meta"
