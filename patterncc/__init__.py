@@ -15,7 +15,8 @@ __version__ = "0.1.0"  # first: the modules below read it
 from .api import load, parse, parse_all
 from .errors import PatternError, PatternSemanticError, PatternSyntaxError, PatternUsageError, PatternWarning
 
-_LAZY = {"analyze": "patterncc.analysis.analyze", "compile_pattern": "patterncc.driver"}
+_LAZY = {"analyze": "patterncc.analysis.analyze", "compile_pattern": "patterncc.driver", "to_flex": "patterncc.interop",
+         "to_block_layout": "patterncc.interop"}
 
 __all__ = [
     "PatternError",
@@ -29,6 +30,8 @@ __all__ = [
     "load",
     "parse",
     "parse_all",
+    "to_block_layout",
+    "to_flex",
 ]
 
 

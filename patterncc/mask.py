@@ -76,7 +76,15 @@ def set_mask(s: ir.SetExpr, env: Mapping[str, Value], n: int, block: int, causal
     """Boolean (n, n) for a set expression; env binds n, h, parameters and lets (i, j are added here)."""
     i = torch.arange(n, dtype=torch.int64)[:, None]
     j = torch.arange(n, dtype=torch.int64)[None, :]
+    return set_allowed(s, env, i, j, n, block, causal).expand(n, n).clone()
+
+
+def set_allowed(s: ir.SetExpr, env: Mapping[str, Value], i: torch.Tensor, j: torch.Tensor, n: int, block: int,
+                causal: bool) -> torch.Tensor:
+    """The set expression on position tensors i, j (broadcast; positions in 0..n-1): which pairs it allows."""
     full_env = {**env, "i": i, "j": j, "n": n}
+    env_ints = {k: v for k, v in full_env.items() if not isinstance(v, torch.Tensor)}
+    shape = torch.broadcast_shapes(i.shape, j.shape)
 
     def primitive(node: ir.SetPrimitive) -> torch.Tensor:
         if isinstance(node, ir.Random):
@@ -85,13 +93,10 @@ def set_mask(s: ir.SetExpr, env: Mapping[str, Value], n: int, block: int, causal
             seed = int(ir.evaluate_int(node.seed, env_ints))
             table = random_block_table(nb, nb, r, seed, causal)
             return table[i // block, j // block]
-        return torch.as_tensor(eval_expr(node.predicate(), full_env), dtype=torch.bool).expand(n, n)
+        return torch.as_tensor(eval_expr(node.predicate(), full_env), dtype=torch.bool).expand(shape)
 
-    env_ints = {k: v for k, v in full_env.items() if not isinstance(v, torch.Tensor)}
-    out = ir.fold_set_bool(s, primitive).clone()
-    if causal:
-        out &= j <= i
-    return out
+    out = ir.fold_set_bool(s, primitive)
+    return out & (j <= i) if causal else out
 
 
 def support_mask(n: int, causal: bool) -> torch.Tensor:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up from nothing and run something:
 #   bash scripts/dev.sh demo           check and draw every example (pictures in out/), compile every example
-#                                      into out/kernels/ and run two on the CPU
+#                                      into out/kernels/, run two on the CPU, and train a small language model
+#                                      with patterncc attention against dense attention (out/train_lm.png)
 #   bash scripts/dev.sh test [ARGS]    run the tests (ARGS go to pytest)
 #
 # Setup: a virtual environment in .venv, torch only when it is missing (pinned to the CPU wheel: an unpinned
@@ -66,6 +67,8 @@ demo() {
     say "running out/kernels/strided.py and out/kernels/hybrid.py on the CPU"
     "$PY" examples/run_on_cpu.py out/kernels/strided.py examples/strided.attn --n 2048
     "$PY" examples/run_on_cpu.py out/kernels/hybrid.py examples/hybrid.attn --n 2048
+    say "training a small language model with patterncc's strided attention and with dense attention"
+    "$PY" examples/train_lm.py --steps 300 -o "$ROOT/out/train_lm.png"
 }
 
 run_tests() {

@@ -124,3 +124,15 @@ def test_pickled_model_loads_in_a_fresh_process(tmp_path):
                             text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "same ['fixed', 'reformer']"
+
+
+@pytest.mark.parametrize("example", ["strided", "reformer"])
+def test_operators_pass_opcheck(example):
+    """torch.library.opcheck: the fake implementations agree with the real ones (shapes, strides, dtypes) and the
+    autograd registration is sound, for inputs that are non-contiguous views (as a projection's transpose)."""
+    attn = patterncc.load(EXAMPLES_DIR / f"{example}.attn", head_dim=HEAD_DIM)
+    module = sys.modules[type(attn).__module__]
+    q, k, v = (torch.randn(2, 100, attn.num_heads, HEAD_DIM, dtype=torch.float64).transpose(1, 2).requires_grad_()
+               for _ in range(3))
+    buffers = [getattr(attn, name) for name in getattr(module, "BUFFERS", [])]
+    torch.library.opcheck(module.ATTENTION_OP, (q, k, v, HEAD_DIM ** -0.5, "auto", buffers))

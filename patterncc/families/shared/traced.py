@@ -34,8 +34,9 @@ def register_attention_ops(namespace, attention_fn):
     @torch.library.custom_op(f"{namespace}::attention", mutates_args=())
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str,
                   buffers: list[torch.Tensor]) -> torch.Tensor:
+        # Results are contiguous, whatever the inputs' strides, as the fake implementations promise.
         with torch.no_grad():
-            return attention_fn(q, k, v, scale, backend, buffers)
+            return attention_fn(q, k, v, scale, backend, buffers).contiguous()
 
     @attention.register_fake
     def _(q, k, v, scale, backend, buffers):
@@ -50,11 +51,12 @@ def register_attention_ops(namespace, attention_fn):
             out = attention_fn(*inputs, scale, backend, buffers)
         # An input the pattern never reads (keys of shared-QK hashed heads) gets a zero gradient.
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-        return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(inputs, grads))
+        return tuple(torch.zeros(x.shape, dtype=x.dtype, device=x.device) if g is None else g.contiguous()
+                     for x, g in zip(inputs, grads))
 
     @attention_backward.register_fake
     def _(grad_out, q, k, v, scale, backend, buffers):
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        return tuple(x.new_empty(x.shape) for x in (q, k, v))
 
     def setup_context(ctx, inputs, output):
         q, k, v, scale, backend, buffers = inputs
