@@ -49,13 +49,17 @@ class SparseSelfAttention(torch.nn.Module):
         self.kv_proj = torch.nn.Linear(embed_dim, 2 * num_kv_heads * self.head_dim, bias=bias, **factory)
         self.out_proj = torch.nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *, key_padding_mask=None, document_ids=None, cu_seqlens=None) -> torch.Tensor:
+        """x (batch, n, embed_dim). key_padding_mask (batch, n) bool, True at padding; document_ids (batch, n),
+        negative at padding; cu_seqlens (documents + 1,) for one packed row: the pattern then applies within each
+        document, positions counted from its start, and padding rows of the attention are 0."""
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (batch, n, embed_dim={self.embed_dim}), got {tuple(x.shape)}")
         batch, n, _ = x.shape
         q = self.q_proj(x).view(batch, n, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv_proj(x).view(batch, n, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = self.attention(q, k, v)  # (batch, heads, n, head_dim)
+        out = self.attention(q, k, v, key_padding_mask=key_padding_mask, document_ids=document_ids,
+                             cu_seqlens=cu_seqlens)  # (batch, heads, n, head_dim)
         return self.out_proj(out.transpose(1, 2).reshape(batch, n, self.embed_dim))
 
     def extra_repr(self) -> str:

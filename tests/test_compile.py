@@ -135,4 +135,6 @@ def test_operators_pass_opcheck(example):
     q, k, v = (torch.randn(2, 100, attn.num_heads, HEAD_DIM, dtype=torch.float64).transpose(1, 2).requires_grad_()
                for _ in range(3))
     buffers = [getattr(attn, name) for name in getattr(module, "BUFFERS", [])]
-    torch.library.opcheck(module.ATTENTION_OP, (q, k, v, HEAD_DIM ** -0.5, "auto", buffers))
+    documents = torch.tensor([[0] * 40 + [1] * 50 + [-1] * 10, [2] * 100])
+    torch.library.opcheck(module.ATTENTION_OP, (q, k, v, HEAD_DIM ** -0.5, "auto", buffers, None))
+    torch.library.opcheck(module.ATTENTION_OP, (q, k, v, HEAD_DIM ** -0.5, "auto", buffers, documents))

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import EXAMPLES_DIR
 from torch.nn.attention.flex_attention import create_mask, flex_attention
 
 import patterncc
 from patterncc.mask import pattern_mask
-
-from conftest import EXAMPLES_DIR
 
 # Set-head examples with parameters small enough that n = 200 holds several periods, windows and blocks.
 CASES = {

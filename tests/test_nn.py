@@ -7,11 +7,10 @@ import sys
 
 import pytest
 import torch
+from conftest import EXAMPLES_DIR, ROOT
 
 import patterncc
 import patterncc.nn
-
-from conftest import EXAMPLES_DIR, ROOT
 
 
 def test_layer_is_projections_around_the_pattern():

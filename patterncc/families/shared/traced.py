@@ -24,49 +24,50 @@ def attention_op_namespace(pattern_key):
 
 
 def register_attention_ops(namespace, attention_fn):
-    """Register `namespace::attention` (q, k, v, scale, backend, buffers) -> out and its backward, once per
-    namespace, and return the forward operator. attention_fn(q, k, v, scale, backend, buffers) is the eager
-    attention: scale a float, buffers the module's random draws as a list (empty for none)."""
+    """Register `namespace::attention` (q, k, v, scale, backend, buffers, documents) -> out and its backward, once
+    per namespace, and return the forward operator. attention_fn(q, k, v, scale, backend, buffers, documents) is
+    the eager attention: scale a float, buffers the module's random draws as a list (empty for none), documents
+    None or the (batch, n) document ids (patterncc/families/shared/documents.py)."""
     ops = getattr(torch.ops, namespace)
     if hasattr(ops, "attention"):
         return ops.attention
 
     @torch.library.custom_op(f"{namespace}::attention", mutates_args=())
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str,
-                  buffers: list[torch.Tensor]) -> torch.Tensor:
+                  buffers: list[torch.Tensor], documents: torch.Tensor | None) -> torch.Tensor:
         # Results are contiguous, whatever the inputs' strides, as the fake implementations promise.
         with torch.no_grad():
-            return attention_fn(q, k, v, scale, backend, buffers).contiguous()
+            return attention_fn(q, k, v, scale, backend, buffers, documents).contiguous()
 
     @attention.register_fake
-    def _(q, k, v, scale, backend, buffers):
+    def _(q, k, v, scale, backend, buffers, documents):
         return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
     @torch.library.custom_op(f"{namespace}::attention_backward", mutates_args=())
     def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                           backend: str, buffers: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
-                                                                               torch.Tensor]:
+                           backend: str, buffers: list[torch.Tensor],
+                           documents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         inputs = [x.detach().requires_grad_() for x in (q, k, v)]
         with torch._C._ForceDispatchKeyGuard(*_OUTSIDE_OPERATORS), torch.enable_grad():
-            out = attention_fn(*inputs, scale, backend, buffers)
+            out = attention_fn(*inputs, scale, backend, buffers, documents)
         # An input the pattern never reads (keys of shared-QK hashed heads) gets a zero gradient.
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
         return tuple(torch.zeros(x.shape, dtype=x.dtype, device=x.device) if g is None else g.contiguous()
                      for x, g in zip(inputs, grads))
 
     @attention_backward.register_fake
-    def _(grad_out, q, k, v, scale, backend, buffers):
+    def _(grad_out, q, k, v, scale, backend, buffers, documents):
         return tuple(x.new_empty(x.shape) for x in (q, k, v))
 
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, backend, buffers = inputs
-        ctx.save_for_backward(q, k, v, *buffers)
+        q, k, v, scale, backend, buffers, documents = inputs
+        ctx.save_for_backward(q, k, v, documents, *buffers)
         ctx.scale, ctx.backend = scale, backend
 
     def backward(ctx, grad_out):
-        q, k, v, *buffers = ctx.saved_tensors
-        dq, dk, dv = attention_backward(grad_out.contiguous(), q, k, v, ctx.scale, ctx.backend, buffers)
-        return dq, dk, dv, None, None, [None] * len(buffers)  # no gradient for the random draws
+        q, k, v, documents, *buffers = ctx.saved_tensors
+        dq, dk, dv = attention_backward(grad_out.contiguous(), q, k, v, ctx.scale, ctx.backend, buffers, documents)
+        return dq, dk, dv, None, None, [None] * len(buffers), None  # no gradient for draws and documents
 
     attention.register_autograd(backward, setup_context=setup_context)
     return ops.attention
