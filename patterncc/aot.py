@@ -33,9 +33,10 @@ def parse_target(target: str) -> int:
     return int(match.group(1))
 
 
-def module_aot_specs(module):
+def module_aot_specs(module, dropout=False):
     """specs(dtype, head_dim) of a generated module: every kernel it runs (its own kernel objects, which carry its
-    pattern's hook), with the families' signatures and config chains. Ahead-of-time compilation is a build-time
+    pattern's hook), with the families' signatures and config chains (dropout: the set heads' dropout variant).
+    Ahead-of-time compilation is a build-time
     concern, so generated modules carry none of it; the families' spec functions live in patterncc/families."""
     from .families.blocksparse.ops import blocksparse_aot_specs
     from .families.linear.ops import linear_aot_specs
@@ -55,7 +56,7 @@ def module_aot_specs(module):
         out = []
         if "set" in families:
             out += blocksparse_aot_specs(module.PATTERN_MASKS, dtype, head_dim, own(
-                "blocksparse_fwd_kernel", "blocksparse_bwd_dkdv_kernel", "blocksparse_bwd_dq_kernel"))
+                "blocksparse_fwd_kernel", "blocksparse_bwd_dkdv_kernel", "blocksparse_bwd_dq_kernel"), dropout)
         for rounds, shared_qk in hashed:
             out += lsh_aot_specs(dtype, head_dim, rounds, module.CAUSAL, shared_qk,
                                  own("lsh_fwd_kernel", "lsh_bwd_dkdv_kernel", "lsh_bwd_dq_kernel"))

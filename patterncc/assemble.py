@@ -36,6 +36,7 @@ LIBRARY = (
     LibrarySource("families/shared/launch.py"),
     LibrarySource("families/shared/heads.py"),
     LibrarySource("families/shared/documents.py"),
+    LibrarySource("families/shared/dropout.py"),
     LibrarySource("families/shared/traced.py"),
     LibrarySource("families/shared/kernels.py", needs_triton=True),
     LibrarySource("families/blocksparse/kernels.py", needs_triton=True),

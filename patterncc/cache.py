@@ -122,12 +122,12 @@ def load_module(text_or_path, pattern: str | None = None, layer: int = 0, **para
     stem = driver.module_name(ir_pattern.name, layer, ir_pattern.combine)
     path = usable_cache_dir() / key / f"{stem}.py"
     name = f"patterncc_generated_{stem}_{key}"
+    cached = read_sealed(path)
     imported = sys.modules.get(name)
-    if imported is not None and not os.environ.get(driver.DUMP_ENV):
+    if cached is not None and imported is not None and not os.environ.get(driver.DUMP_ENV):
         # Same key, same source: a second load shares the module, so its classes stay one class (pickling
         # finds them) and its operators are registered once.
         return imported
-    cached = read_sealed(path)
     if cached is None or os.environ.get(driver.DUMP_ENV):
         compiled = driver.compile_pattern(ir_pattern, layer=layer, params=params)
         if cached is None:
@@ -135,4 +135,4 @@ def load_module(text_or_path, pattern: str | None = None, layer: int = 0, **para
                 warnings.warn(f"patterncc: the cached module {path} is damaged (its seal does not match); "
                               f"regenerating it", RuntimeWarning, stacklevel=2)
             write_atomically(path, seal(compiled.source))
-    return import_file(path, name)
+    return imported if imported is not None else import_file(path, name)

@@ -17,7 +17,7 @@ class SparseSelfAttention(torch.nn.Module):
     num_kv_heads: key/value heads for grouped-query attention (default num_heads), dividing num_heads.
     pattern: a .attn path or its text; params override its parameters (`l=64`, `heads=4`); pattern_name picks
     one pattern of a file with several; layer picks the head group of `combine interleaved` patterns.
-    dropout: attention dropout, which patterncc's kernels do not implement yet: only 0.0 is accepted.
+    dropout: attention dropout in training mode (the attention probabilities, in the kernels: set heads only).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, pattern, num_kv_heads: int | None = None,
@@ -32,13 +32,17 @@ class SparseSelfAttention(torch.nn.Module):
             raise PatternUsageError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
         if num_heads % num_kv_heads:
             raise PatternUsageError(f"num_kv_heads {num_kv_heads} does not divide num_heads {num_heads}")
-        if dropout != 0.0:
-            raise PatternUsageError(f"dropout={dropout}: attention dropout is not implemented in patterncc's kernels "
-                                    f"yet; use dropout=0.0 (and dropout on the block's output, if needed)")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise PatternUsageError(f"dropout must be a number in [0, 1), got {dropout!r}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.attention = load(pattern, pattern=pattern_name, layer=layer, backend=backend, head_dim=self.head_dim,
                               **params)
+        others = sorted(set(self.attention.head_families) - {"set"})
+        if dropout and others:
+            raise PatternUsageError(f"dropout={dropout}: attention dropout is implemented for set heads only, and "
+                                    f"this pattern has {' and '.join(others)} heads")
+        self.dropout = float(dropout)
         if num_heads % self.attention.num_heads:
             raise PatternUsageError(
                 f"num_heads {num_heads} is not a multiple of the pattern's {self.attention.num_heads} heads; change "
@@ -58,9 +62,11 @@ class SparseSelfAttention(torch.nn.Module):
         batch, n, _ = x.shape
         q = self.q_proj(x).view(batch, n, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv_proj(x).view(batch, n, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        out = self.attention(q, k, v, key_padding_mask=key_padding_mask, document_ids=document_ids,
+        out = self.attention(q, k, v, dropout_p=self.dropout if self.training and self.dropout else None,
+                             key_padding_mask=key_padding_mask, document_ids=document_ids,
                              cu_seqlens=cu_seqlens)  # (batch, heads, n, head_dim)
         return self.out_proj(out.transpose(1, 2).reshape(batch, n, self.embed_dim))
 
     def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}"
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+                f"dropout={self.dropout}")

@@ -1,6 +1,6 @@
 """Compile kernels ahead of time for CUDA targets (run as a subprocess, without TRITON_INTERPRET):
 
-    python tests/aot_worker.py SOURCE CAPABILITY [CAPABILITY ...] [--dtypes fp16,bf16] [--head-dims 64]
+    python tests/aot_worker.py SOURCE CAPABILITY [CAPABILITY ...] [--dtypes fp16,bf16] [--head-dims 64] [--dropout]
 
 SOURCE is an .attn file (every kernel of each of its patterns' generated modules), `family:lsh` (every LSH kernel,
 for the heaviest and the lightest predicate) or `family:linear` (every linear-attention kernel variant: each
@@ -19,8 +19,8 @@ from pathlib import Path
 LSH_VARIANTS = {"R4-causal-shared": (4, True, True), "R1-bidir-qk": (1, False, False)}
 
 
-def _reports(source: str, capability: int, dtypes: tuple, head_dims: tuple):
-    from patterncc.aot import aot_compile
+def _reports(source: str, capability: int, dtypes: tuple, head_dims: tuple, dropout: bool = False):
+    from patterncc.aot import aot_compile, module_aot_specs
 
     if source == "family:lsh":
         from patterncc.families.lsh import ops
@@ -48,8 +48,9 @@ def _reports(source: str, capability: int, dtypes: tuple, head_dims: tuple):
             module_path = Path(tempfile.mkdtemp()) / f"{compiled.module_name}.py"
             module_path.write_text(compiled.source)
             module = import_file(module_path, f"aot_{compiled.module_name}_{compiled.key}")
-            for report in aot_compile(module, capability, dtypes, head_dims):
-                yield dict(report.__dict__, example=Path(source).stem)
+            specs = module_aot_specs(module, dropout=True) if dropout else None
+            for report in aot_compile(module, capability, dtypes, head_dims, specs=specs):
+                yield dict(report.__dict__, example=Path(source).stem, dropout=dropout)
 
 
 def main() -> None:
@@ -58,11 +59,12 @@ def main() -> None:
     parser.add_argument("capabilities", nargs="+", type=int)
     parser.add_argument("--dtypes", default="fp16,bf16,fp32")
     parser.add_argument("--head-dims", default="16,32,64,128")
+    parser.add_argument("--dropout", action="store_true", help="the set heads' attention-dropout kernels")
     args = parser.parse_args()
     dtypes = tuple(args.dtypes.split(","))
     head_dims = tuple(int(d) for d in args.head_dims.split(","))
     for capability in args.capabilities:
-        for report in _reports(args.source, capability, dtypes, head_dims):
+        for report in _reports(args.source, capability, dtypes, head_dims, args.dropout):
             print(json.dumps(report), flush=True)
 
 

@@ -32,7 +32,7 @@ settings.load_profile("patterncc")
 
 
 def run_aot_worker(source: str, capabilities=("90", "80"), dtypes=("fp16", "bf16", "fp32"),
-                   head_dims=(16, 32, 64, 128), timeout=3000) -> list[dict]:
+                   head_dims=(16, 32, 64, 128), timeout=3000, dropout=False) -> list[dict]:
     """Ahead-of-time compile reports (tests/aot_worker.py) for `source`, one subprocess per capability, two at a
     time (this machine has two cores); the workers run the real compiler, not the interpreter."""
     import json
@@ -44,7 +44,7 @@ def run_aot_worker(source: str, capabilities=("90", "80"), dtypes=("fp16", "bf16
 
     def run(capability):
         command = [AOT_PYTHON, str(AOT_WORKER), str(source), str(capability), "--dtypes", ",".join(dtypes),
-                   "--head-dims", ",".join(map(str, head_dims))]
+                   "--head-dims", ",".join(map(str, head_dims))] + (["--dropout"] if dropout else [])
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, check=False)
         assert result.returncode == 0, f"{source} sm_{capability}: ahead-of-time compilation failed:\n" \
                                        f"{result.stderr[-4000:]}"

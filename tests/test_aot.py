@@ -47,3 +47,13 @@ def test_most_defaults_need_no_fallback(reports):
 def test_shared_memory_fits_sm80(reports, name):
     too_big = [r for r in reports[name] if r["shared_bytes"] > 163 * 1024]  # A100: 164 KiB per block
     assert not too_big, f"{name}: {too_big[:3]}"
+
+
+def test_dropout_kernels_compile_without_spills():
+    """The attention-dropout variant (Philox numbers per pair in every kernel) compiles for sm_90 and sm_80, and
+    its chosen configs do not spill."""
+    reports = run_aot_worker(str(EXAMPLES_DIR / "strided.attn"), head_dims=(64, 128), timeout=1500, dropout=True)
+    seen = {(r["kernel"], r["dtype"], r["head_dim"], r["target"]) for r in reports if r["dropout"]}
+    assert len(seen) == 3 * 3 * 2 * 2, sorted(seen)
+    spilled = [r for r in reports if r["spill_stores"] or r["spill_loads"]]
+    assert not spilled, spilled[:3]

@@ -136,5 +136,8 @@ def test_operators_pass_opcheck(example):
                for _ in range(3))
     buffers = [getattr(attn, name) for name in getattr(module, "BUFFERS", [])]
     documents = torch.tensor([[0] * 40 + [1] * 50 + [-1] * 10, [2] * 100])
-    torch.library.opcheck(module.ATTENTION_OP, (q, k, v, HEAD_DIM ** -0.5, "auto", buffers, None))
-    torch.library.opcheck(module.ATTENTION_OP, (q, k, v, HEAD_DIM ** -0.5, "auto", buffers, documents))
+    torch.library.opcheck(module.ATTENTION_OP, (q, k, v, HEAD_DIM ** -0.5, "auto", buffers, None, 0.0, None))
+    torch.library.opcheck(module.ATTENTION_OP, (q, k, v, HEAD_DIM ** -0.5, "auto", buffers, documents, 0.0, None))
+    if not buffers:  # set heads: attention dropout, its seed an input of the operator
+        seed = torch.tensor(1234, dtype=torch.int64)
+        torch.library.opcheck(module.ATTENTION_OP, (q, k, v, HEAD_DIM ** -0.5, "auto", buffers, None, 0.25, seed))

@@ -27,6 +27,11 @@ def test_layer_is_projections_around_the_pattern():
     assert all(p.grad is not None for p in layer.parameters())
 
 
+def test_dropout_needs_set_heads():
+    with pytest.raises(patterncc.PatternUsageError, match="set heads only, and this pattern has kernel heads"):
+        patterncc.nn.SparseSelfAttention(32, 8, EXAMPLES_DIR / "linear.attn", dropout=0.1)
+
+
 def test_head_count_as_a_parameter():
     """linear.attn's head count is a parameter: a 4-head layer works with heads=4 and says what to change
     without it."""
@@ -40,7 +45,7 @@ def test_head_count_as_a_parameter():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(embed_dim=30, num_heads=4), "embed_dim 30 is not a multiple of num_heads 4"),
     (dict(embed_dim=32, num_heads=4, num_kv_heads=3), "num_kv_heads 3 does not divide num_heads 4"),
-    (dict(embed_dim=32, num_heads=4, dropout=0.1), "attention dropout is not implemented"),
+    (dict(embed_dim=32, num_heads=4, dropout=1.5), r"dropout must be a number in \[0, 1\), got 1.5"),
     (dict(embed_dim=32, num_heads=0), "num_heads must be a positive integer"),
 ])
 def test_layer_errors(kwargs, message):

@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from ...runtime import tiles
+from ..shared.dropout import dropout_keep, dropout_offsets
 from .layout import PERMUTED_ORDERS
 
 CPU_CHUNK = 16  # query tiles per chunk of the CPU path at most: widths that grow along a sequence are padded little
@@ -156,10 +157,11 @@ def _share(start, stop, slots, allowed, widths):
     return CpuChunk(start, stop, True, union, None), shared
 
 
-def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv, with_lse=False):
+def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv, with_lse=False, dropout=None):
     """Attention for the query heads `heads`, which share mask `mask`: per query tile (or per chunk of query
     tiles sharing their keys), gather the key rows its rows may see, masked softmax, weighted sum. With_lse:
-    (output, natural log-sum-exp per row, -inf for a row with no allowed key)."""
+    (output, natural log-sum-exp per row, -inf for a row with no allowed key). dropout: a Dropout or None (the
+    LSE is that of the probabilities before dropout, as the kernels')."""
     plan = cpu_gather(layout, mask)
     n, t, block = layout.n, layout.num_tiles, layout.masks.block
     batch, dim = q.shape[0], q.shape[-1]
@@ -181,11 +183,13 @@ def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv, with_lse=
         for first in range(chunk.start, chunk.stop, step):
             last = min(first + step, chunk.stop)
             tiles_here, local = last - first, slice(first - chunk.start, last - chunk.start)
+            query_slots = torch.arange(first * block, last * block).view(tiles_here, block, 1)
             if chunk.shared:
                 rows = q_tiles[:, :, first:last].reshape(batch, hm, tiles_here * block, dim)
                 scores = torch.matmul(rows, k_chunk.transpose(-1, -2))
                 scores.masked_fill_(chunk.blocked[local].reshape(tiles_here * block, w), float("-inf"))
-                out, lse = _attend(scores, v_chunk, with_lse)
+                drop = _dropout(dropout, q, heads, plan, query_slots.view(-1, 1), chunk.slots.view(1, -1), n)
+                out, lse = _attend(scores, v_chunk, with_lse, drop)
                 outs.append(out.reshape(batch, hm, tiles_here, block, dim))
                 lses.append(lse.reshape(batch, hm, tiles_here, block, 1) if with_lse else None)
                 continue
@@ -194,7 +198,8 @@ def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv, with_lse=
             v_gathered = vm.index_select(2, idx).reshape(batch, hm, tiles_here, w, dim)
             scores = torch.matmul(q_tiles[:, :, first:last], k_gathered.transpose(-1, -2))
             scores.masked_fill_(chunk.blocked[local], float("-inf"))  # then one fused softmax
-            out, lse = _attend(scores, v_gathered, with_lse)
+            drop = _dropout(dropout, q, heads, plan, query_slots, chunk.slots[local][:, None, :], n)
+            out, lse = _attend(scores, v_gathered, with_lse, drop)
             outs.append(out)
             lses.append(lse)
     out = torch.cat(outs, dim=2) * plan.has_keys.to(q.dtype)  # rows with no allowed key: 0, with gradient 0
@@ -210,12 +215,28 @@ def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv, with_lse=
     return (out, lse) if with_lse else out
 
 
-def _attend(scores, values, with_lse):
-    """(softmax(scores) @ values, the rows' log-sum-exp [..., 1] or None)."""
+def _dropout(dropout, q, heads, plan, query_slots, key_slots, n):
+    """Dropout's multiplier (1 / (1 - p) kept, 0 dropped) for scores of query slots x key slots (broadcast) of
+    the query heads `heads`, or None: the kernels' Philox numbers at the pairs' original positions."""
+    if dropout is None:
+        return None
+    if PERMUTED_ORDERS and plan.positions is not None:
+        query_slots, key_slots = (plan.positions[s.clamp(max=n - 1)] for s in (query_slots, key_slots))
+    keep = dropout_keep(dropout, dropout_offsets(q.shape[0], q.shape[1], n, heads, query_slots, key_slots))
+    return keep.to(q.dtype) * dropout.scale
+
+
+def _attend(scores, values, with_lse, drop=None):
+    """(softmax(scores) (times dropout's multiplier `drop`) @ values, the rows' log-sum-exp [..., 1] or None)."""
     if not with_lse:
-        return torch.matmul(torch.softmax(scores, dim=-1), values), None
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    return torch.matmul(torch.exp(scores - lse), values), lse
+        probabilities = torch.softmax(scores, dim=-1)
+        lse = None
+    else:
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        probabilities = torch.exp(scores - lse)
+    if drop is not None:
+        probabilities = probabilities * drop
+    return torch.matmul(probabilities, values), lse
 
 
 def combine_parts(parts, exp=torch.exp, log=torch.log):
@@ -234,10 +255,11 @@ def combine_parts(parts, exp=torch.exp, log=torch.log):
     return out, torch.where(has_keys, top + log(torch.where(has_keys, total, 1.0)), float("inf"))
 
 
-def blocksparse_attention_torch(q, k, v, masks, scale):
+def blocksparse_attention_torch(q, k, v, masks, scale, dropout=None):
     """Block-sparse attention of the heads of `masks` with torch ops, differentiable by autograd: q (batch, heads,
     n, head_dim), heads a multiple of the masks' head count; k, v with heads dividing q's. A head split into
-    parts attends over each and combines them by log-sum-exp."""
+    parts attends over each and combines them by log-sum-exp. dropout: a Dropout or None (the same pairs as the
+    kernels drop)."""
     n = q.shape[2]
     layout = masks.layout(n, "cpu")
     num_q_heads, q_per_kv = q.shape[1], q.shape[1] // k.shape[1]
@@ -249,7 +271,7 @@ def blocksparse_attention_torch(q, k, v, masks, scale):
         for mask in masks.head_masks[head // q_per_head]:
             by_mask.setdefault(mask, []).append(head)
     split = masks.num_parts > 1
-    results = {mask: _cpu_attention_mask(qc, kc, vc, scale, layout, mask, heads, q_per_kv, with_lse=split)
+    results = {mask: _cpu_attention_mask(qc, kc, vc, scale, layout, mask, heads, q_per_kv, split, dropout)
                for mask, heads in by_mask.items()}
     per_head = []
     for head in range(num_q_heads):

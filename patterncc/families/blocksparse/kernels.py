@@ -19,6 +19,7 @@ from ..shared.kernels import (
     load_rows_t,
     online_softmax_finish,
     online_softmax_update,
+    pair_dropout,
     row_block,
     softmax_bwd_kv,
     softmax_bwd_q,
@@ -59,9 +60,10 @@ def blocksparse_positions(start, n_ctx, POSITIONS, mask_id, SIZE: tl.constexpr, 
 
 @triton.jit
 def blocksparse_fwd_inner(acc, l_i, m_i, b_q, p_k_head, p_v_head, stride_kn, stride_vn, COUNT, INDEX, width,
-        row, o_i, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr,
-        IS_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
+        row, o_i, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2, row_base, seed,
+        dropout_threshold, dropout_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PERMUTED: tl.constexpr, IS_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
+        DROPOUT: tl.constexpr):
     SPLIT: tl.constexpr = LAYOUT_BLOCK // BLOCK_N  # kernel tiles per layout tile
     count = tl.load(COUNT + row)
     for t in range(0, count * SPLIT):
@@ -75,7 +77,9 @@ def blocksparse_fwd_inner(acc, l_i, m_i, b_q, p_k_head, p_v_head, stride_kn, str
             m_allowed = pattern_allowed(o_i[:, None], o_j[None, :], mask_id, n_ctx, RANDOM, NUM_BLOCKS, PARAMS,
                                         BLOCK_M, BLOCK_N)
             b_s = tl.where(m_allowed & m_n[None, :], b_s, float("-inf"))
-        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, b_s, b_v, DOT_PRECISION)
+        b_drop = pair_dropout(seed, dropout_threshold, dropout_scale, row_base, o_i[:, None], o_j[None, :], n_ctx,
+                              DROPOUT)
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, b_s, b_v, b_drop, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -86,9 +90,9 @@ def blocksparse_fwd_kernel(
         stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
         n_ctx, num_q_heads, q_per_kv, q_per_head, num_q_tiles,
         HEAD_MASK, POSITIONS, FULL_COUNT, FULL_INDEX, full_width, PART_COUNT, PART_INDEX, part_width,
-        RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
+        RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2, seed, dropout_threshold, dropout_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, DROPOUT: tl.constexpr):
     # Kernel tiles subdivide layout tiles: a query tile of BLOCK_M rows lies in one layout row.
     tl.static_assert(LAYOUT_BLOCK % BLOCK_M == 0 and LAYOUT_BLOCK % BLOCK_N == 0)
     pid_m = tl.program_id(0)
@@ -104,27 +108,28 @@ def blocksparse_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     row = mask_id.to(tl.int64) * num_q_tiles + pid_m * BLOCK_M // LAYOUT_BLOCK
+    row_base = pid_bh.to(tl.int64) * n_ctx
     acc, l_i, m_i = blocksparse_fwd_inner(
         acc, l_i, m_i, b_q, p_k_head, p_v_head, stride_kn, stride_vn, FULL_COUNT, FULL_INDEX, full_width, row, o_i,
-        mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
-        HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, False, DOT_PRECISION, LAYOUT_BLOCK)
+        mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2, row_base, seed, dropout_threshold,
+        dropout_scale, HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, False, DOT_PRECISION, LAYOUT_BLOCK, DROPOUT)
     acc, l_i, m_i = blocksparse_fwd_inner(
         acc, l_i, m_i, b_q, p_k_head, p_v_head, stride_kn, stride_vn, PART_COUNT, PART_INDEX, part_width, row, o_i,
-        mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
-        HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, True, DOT_PRECISION, LAYOUT_BLOCK)
+        mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2, row_base, seed, dropout_threshold,
+        dropout_scale, HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, True, DOT_PRECISION, LAYOUT_BLOCK, DROPOUT)
 
     acc, b_lse = online_softmax_finish(acc, l_i, m_i, float("inf"))
     p_o = row_block(head_rows(O, b, hq, stride_ob, stride_oh), o_i, stride_on, HEAD_DIM)
     tl.store(p_o, acc.to(O.dtype.element_ty), mask=m_m[:, None])
-    tl.store(LSE + pid_bh.to(tl.int64) * n_ctx + o_i, b_lse, mask=m_m)
+    tl.store(LSE + row_base + o_i, b_lse, mask=m_m)
 
 
 @triton.jit
 def blocksparse_bwd_dkdv_inner(dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_head, LSE, DELTA, row_base,
         stride_qn, stride_don, COUNT, INDEX, width, row, mask_id, n_ctx, POSITIONS, RANDOM,
-        NUM_BLOCKS, PARAMS, sm_scale_log2, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr, IS_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        LAYOUT_BLOCK: tl.constexpr):
+        NUM_BLOCKS, PARAMS, sm_scale_log2, seed, dropout_threshold, dropout_scale, HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr, IS_PARTIAL: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, DROPOUT: tl.constexpr):
     SPLIT: tl.constexpr = LAYOUT_BLOCK // BLOCK_M
     count = tl.load(COUNT + row)
     for t in range(0, count * SPLIT):
@@ -140,7 +145,9 @@ def blocksparse_bwd_dkdv_inner(dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_head, 
             m_allowedT = pattern_allowed(o_i[None, :], o_j[:, None], mask_id, n_ctx, RANDOM, NUM_BLOCKS, PARAMS,
                                          BLOCK_N, BLOCK_M)
             b_pT = tl.where(m_allowedT & m_n[:, None], b_pT, 0.0)
-        dk, dv = softmax_bwd_kv(dk, dv, b_pT, b_q, b_v, b_do, b_delta, DOT_PRECISION)
+        b_dropT = pair_dropout(seed, dropout_threshold, dropout_scale, row_base, o_i[None, :], o_j[:, None], n_ctx,
+                               DROPOUT)
+        dk, dv = softmax_bwd_kv(dk, dv, b_pT, b_dropT, b_q, b_v, b_do, b_delta, DOT_PRECISION)
     return dk, dv
 
 
@@ -152,9 +159,9 @@ def blocksparse_bwd_dkdv_kernel(
         stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
         n_ctx, num_q_heads, q_per_kv, q_per_head, num_k_tiles,
         HEAD_MASK, POSITIONS, FULL_COUNT_T, FULL_INDEX_T, full_width_t, PART_COUNT_T, PART_INDEX_T, part_width_t,
-        RANDOM, NUM_BLOCKS, PARAMS, sm_scale, sm_scale_log2,
+        RANDOM, NUM_BLOCKS, PARAMS, sm_scale, sm_scale_log2, seed, dropout_threshold, dropout_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, DROPOUT: tl.constexpr):
     tl.static_assert(LAYOUT_BLOCK % BLOCK_M == 0 and LAYOUT_BLOCK % BLOCK_N == 0)
     # One program per (key tile, batch x query head): dK and dV of that query head's view of the key tile,
     # summed over the query tiles that see it (the transposed tile lists). Grouped-query heads are summed
@@ -177,13 +184,13 @@ def blocksparse_bwd_dkdv_kernel(
     dk, dv = blocksparse_bwd_dkdv_inner(
         dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_head, LSE, DELTA, row_base, stride_qn, stride_don,
         FULL_COUNT_T, FULL_INDEX_T, full_width_t, row, mask_id, n_ctx, POSITIONS, RANDOM,
-        NUM_BLOCKS, PARAMS, sm_scale_log2, HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, False, DOT_PRECISION,
-        LAYOUT_BLOCK)
+        NUM_BLOCKS, PARAMS, sm_scale_log2, seed, dropout_threshold, dropout_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
+        PERMUTED, False, DOT_PRECISION, LAYOUT_BLOCK, DROPOUT)
     dk, dv = blocksparse_bwd_dkdv_inner(
         dk, dv, b_k, b_v, o_j, m_n, p_q_head, p_do_head, LSE, DELTA, row_base, stride_qn, stride_don,
         PART_COUNT_T, PART_INDEX_T, part_width_t, row, mask_id, n_ctx, POSITIONS, RANDOM,
-        NUM_BLOCKS, PARAMS, sm_scale_log2, HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, True, DOT_PRECISION,
-        LAYOUT_BLOCK)
+        NUM_BLOCKS, PARAMS, sm_scale_log2, seed, dropout_threshold, dropout_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
+        PERMUTED, True, DOT_PRECISION, LAYOUT_BLOCK, DROPOUT)
 
     p_dk = row_block(head_rows(DK, b, hq, stride_dkb, stride_dkh), o_j, stride_dkn, HEAD_DIM)
     p_dv = row_block(head_rows(DV, b, hq, stride_dvb, stride_dvh), o_j, stride_dvn, HEAD_DIM)
@@ -193,9 +200,10 @@ def blocksparse_bwd_dkdv_kernel(
 
 @triton.jit
 def blocksparse_bwd_dq_inner(dq, b_q, b_do, b_lse, b_delta, o_i, p_k_head, p_v_head, stride_kn, stride_vn,
-        COUNT, INDEX, width, row, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr,
-        IS_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
+        COUNT, INDEX, width, row, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2, row_base,
+        seed, dropout_threshold, dropout_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr, IS_PARTIAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        LAYOUT_BLOCK: tl.constexpr, DROPOUT: tl.constexpr):
     SPLIT: tl.constexpr = LAYOUT_BLOCK // BLOCK_N
     count = tl.load(COUNT + row)
     for t in range(0, count * SPLIT):
@@ -210,7 +218,9 @@ def blocksparse_bwd_dq_inner(dq, b_q, b_do, b_lse, b_delta, o_i, p_k_head, p_v_h
             m_allowed = pattern_allowed(o_i[:, None], o_j[None, :], mask_id, n_ctx, RANDOM, NUM_BLOCKS, PARAMS,
                                         BLOCK_M, BLOCK_N)
             b_p = tl.where(m_allowed & m_n[None, :], b_p, 0.0)
-        dq = softmax_bwd_q(dq, b_p, b_k, b_vT, b_do, b_delta, DOT_PRECISION)
+        b_drop = pair_dropout(seed, dropout_threshold, dropout_scale, row_base, o_i[:, None], o_j[None, :], n_ctx,
+                              DROPOUT)
+        dq = softmax_bwd_q(dq, b_p, b_drop, b_k, b_vT, b_do, b_delta, DOT_PRECISION)
     return dq
 
 
@@ -221,9 +231,9 @@ def blocksparse_bwd_dq_kernel(
         stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
         n_ctx, num_q_heads, q_per_kv, q_per_head, num_q_tiles,
         HEAD_MASK, POSITIONS, FULL_COUNT, FULL_INDEX, full_width, PART_COUNT, PART_INDEX, part_width,
-        RANDOM, NUM_BLOCKS, PARAMS, sm_scale, sm_scale_log2,
+        RANDOM, NUM_BLOCKS, PARAMS, sm_scale, sm_scale_log2, seed, dropout_threshold, dropout_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PERMUTED: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, DROPOUT: tl.constexpr):
     tl.static_assert(LAYOUT_BLOCK % BLOCK_M == 0 and LAYOUT_BLOCK % BLOCK_N == 0)
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -232,18 +242,21 @@ def blocksparse_bwd_dq_kernel(
     o_i, m_m = blocksparse_positions(pid_m * BLOCK_M, n_ctx, POSITIONS, mask_id, BLOCK_M, PERMUTED)
     b_q = load_rows(head_rows(Q, b, hq, stride_qb, stride_qh), o_i, m_m, stride_qn, HEAD_DIM)
     b_do = load_rows(head_rows(DO, b, hq, stride_dob, stride_doh), o_i, m_m, stride_don, HEAD_DIM)
-    b_lse, b_delta = load_row_stats(LSE, DELTA, pid_bh.to(tl.int64) * n_ctx, o_i, m_m)
+    row_base = pid_bh.to(tl.int64) * n_ctx
+    b_lse, b_delta = load_row_stats(LSE, DELTA, row_base, o_i, m_m)
     p_k_head = head_rows(K, b, hkv, stride_kb, stride_kh)
     p_v_head = head_rows(V, b, hkv, stride_vb, stride_vh)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     row = mask_id.to(tl.int64) * num_q_tiles + pid_m * BLOCK_M // LAYOUT_BLOCK
     dq = blocksparse_bwd_dq_inner(
         dq, b_q, b_do, b_lse, b_delta, o_i, p_k_head, p_v_head, stride_kn, stride_vn, FULL_COUNT, FULL_INDEX,
-        full_width, row, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
-        HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, False, DOT_PRECISION, LAYOUT_BLOCK)
+        full_width, row, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2, row_base, seed,
+        dropout_threshold, dropout_scale, HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, False, DOT_PRECISION, LAYOUT_BLOCK,
+        DROPOUT)
     dq = blocksparse_bwd_dq_inner(
         dq, b_q, b_do, b_lse, b_delta, o_i, p_k_head, p_v_head, stride_kn, stride_vn, PART_COUNT, PART_INDEX,
-        part_width, row, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2,
-        HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, True, DOT_PRECISION, LAYOUT_BLOCK)
+        part_width, row, mask_id, n_ctx, POSITIONS, RANDOM, NUM_BLOCKS, PARAMS, sm_scale_log2, row_base, seed,
+        dropout_threshold, dropout_scale, HEAD_DIM, BLOCK_M, BLOCK_N, PERMUTED, True, DOT_PRECISION, LAYOUT_BLOCK,
+        DROPOUT)
     p_dq = row_block(head_rows(DQ, b, hq, stride_dqb, stride_dqh), o_i, stride_dqn, HEAD_DIM)
     tl.store(p_dq, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_m[:, None])

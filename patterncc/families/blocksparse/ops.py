@@ -60,9 +60,14 @@ def _candidates(block):
     return [c for c in _BLOCKSPARSE_CANDIDATES if max(c[0], c[1]) <= block]
 
 
-def _constexprs(masks, dtype, head_dim):
+def _constexprs(masks, dtype, head_dim, dropout=None):
     return dict(HEAD_DIM=head_dim, PERMUTED=masks.permuted, DOT_PRECISION=dot_precision(dtype),
-                LAYOUT_BLOCK=masks.block)
+                LAYOUT_BLOCK=masks.block, DROPOUT=dropout is not None)
+
+
+def _dropout_args(dropout):
+    """The kernels' (seed, threshold, keep scale): unused (and constant) without dropout."""
+    return (0, 0, 1.0) if dropout is None else (dropout.seed, dropout.threshold, dropout.scale)
 
 
 def _head_args(q, k, layout):
@@ -70,39 +75,43 @@ def _head_args(q, k, layout):
     return (q.shape[2], num_q_heads, num_q_heads // k.shape[1], num_q_heads // len(layout.masks.head_masks))
 
 
-def blocksparse_fwd(q, k, v, scale, layout):
+def blocksparse_fwd(q, k, v, scale, layout, dropout=None):
     """(output, log2-sum-exp per row: +inf for a row with no allowed key). A head split into disjoint parts runs
-    one launch per part, each writing its share in float32, combined by log-sum-exp."""
+    one launch per part, each writing its share in float32, combined by log-sum-exp. dropout: a Dropout or None;
+    the LSE is that of the probabilities before dropout."""
     if layout.num_parts == 1:
-        return _fwd_launch(q, k, v, scale, layout, 0, q.dtype)
-    parts = [_fwd_launch(q, k, v, scale, layout, part, torch.float32) for part in range(layout.num_parts)]
+        return _fwd_launch(q, k, v, scale, layout, 0, q.dtype, dropout)
+    parts = [_fwd_launch(q, k, v, scale, layout, part, torch.float32, dropout) for part in range(layout.num_parts)]
     o, lse = combine_parts(parts, exp=torch.exp2, log=torch.log2)
     return o.to(q.dtype), lse
 
 
-def _fwd_launch(q, k, v, scale, layout, part, out_dtype):
+def _fwd_launch(q, k, v, scale, layout, part, out_dtype, dropout):
     batch, num_q_heads, n, dim = q.shape
     masks = layout.masks
     o = torch.empty(q.shape, device=q.device, dtype=out_dtype)
     lse = torch.empty(batch, num_q_heads, n, device=q.device, dtype=torch.float32)
     args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             *_head_args(q, k, layout), layout.num_tiles, layout.head_masks[part], layout.positions,
-            *layout.full, *layout.part, layout.random, layout.num_tiles, layout.params_tensor, scale * _LOG2E)
+            *layout.full, *layout.part, layout.random, layout.num_tiles, layout.params_tensor, scale * _LOG2E,
+            *_dropout_args(dropout))
     chain = blocksparse_config_chain("blocksparse_fwd", q.dtype, dim, masks.block)
     launch_kernel("blocksparse_fwd", blocksparse_fwd_kernel, lambda bm, bn: (triton.cdiv(n, bm), batch * num_q_heads),
-                  args, _constexprs(masks, q.dtype, dim), q, chain, _candidates(masks.block))
+                  args, _constexprs(masks, q.dtype, dim, dropout), q, chain, _candidates(masks.block))
     return o, lse
 
 
-def blocksparse_bwd(q, k, v, o, lse, do, scale, layout):
+def blocksparse_bwd(q, k, v, o, lse, do, scale, layout, dropout=None):
     batch, num_q_heads, n, dim = q.shape
     do = do.contiguous()
-    delta = (o.float() * do.float()).sum(-1)  # [batch, heads, n]: rowsum(dO * O), the softmax-gradient term
+    # [batch, heads, n]: rowsum(dO * O), the softmax-gradient term (O after dropout: the kernels regenerate it).
+    delta = (o.float() * do.float()).sum(-1)
     if layout.num_parts == 1:
-        dq, dk_per_q, dv_per_q = _bwd_launches(q, k, v, do, lse, delta, scale, layout, 0, (q.dtype, k.dtype, v.dtype))
+        dq, dk_per_q, dv_per_q = _bwd_launches(q, k, v, do, lse, delta, scale, layout, 0, (q.dtype, k.dtype, v.dtype),
+                                               dropout)
     else:
         # Each part's pairs, with the union's LSE and delta, give exactly their share of every gradient.
-        shares = [_bwd_launches(q, k, v, do, lse, delta, scale, layout, part, (torch.float32,) * 3)
+        shares = [_bwd_launches(q, k, v, do, lse, delta, scale, layout, part, (torch.float32,) * 3, dropout)
                   for part in range(layout.num_parts)]
         dq, dk_per_q, dv_per_q = (sum(grads).to(x.dtype) for grads, x in zip(zip(*shares), (q, k, v)))
     q_per_kv = num_q_heads // k.shape[1]
@@ -114,13 +123,13 @@ def blocksparse_bwd(q, k, v, o, lse, do, scale, layout):
     return dq, dk, dv
 
 
-def _bwd_launches(q, k, v, do, lse, delta, scale, layout, part, dtypes):
+def _bwd_launches(q, k, v, do, lse, delta, scale, layout, part, dtypes, dropout):
     batch, num_q_heads, n, dim = q.shape
     masks = layout.masks
     dq, dk_per_q, dv_per_q = (torch.empty(q.shape, device=q.device, dtype=dtype) for dtype in dtypes)
     common = (*_head_args(q, k, layout), layout.num_tiles, layout.head_masks[part], layout.positions)
-    tail = (layout.random, layout.num_tiles, layout.params_tensor, scale, scale * _LOG2E)
-    constexprs = _constexprs(masks, q.dtype, dim)
+    tail = (layout.random, layout.num_tiles, layout.params_tensor, scale, scale * _LOG2E, *_dropout_args(dropout))
+    constexprs = _constexprs(masks, q.dtype, dim, dropout)
     launch_kernel("blocksparse_dkdv", blocksparse_bwd_dkdv_kernel,
                   lambda bm, bn: (triton.cdiv(n, bn), batch * num_q_heads),
                   (q, k, v, do, dk_per_q, dv_per_q, lse, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
@@ -136,27 +145,27 @@ def _bwd_launches(q, k, v, do, lse, delta, scale, layout, part, dtypes):
 
 class _BlocksparseTritonAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, layout):
-        o, lse = blocksparse_fwd(q, k, v, scale, layout)
+    def forward(ctx, q, k, v, scale, layout, dropout):
+        o, lse = blocksparse_fwd(q, k, v, scale, layout, dropout)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
-        ctx.layout = layout
+        ctx.scale, ctx.layout, ctx.dropout = scale, layout, dropout
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = blocksparse_bwd(q, k, v, o, lse, do, ctx.scale, ctx.layout)
-        return dq, dk, dv, None, None
+        dq, dk, dv = blocksparse_bwd(q, k, v, o, lse, do, ctx.scale, ctx.layout, ctx.dropout)
+        return dq, dk, dv, None, None, None
 
 
-def blocksparse_attention(q, k, v, masks, scale=None, backend="auto", check=True):
+def blocksparse_attention(q, k, v, masks, scale=None, backend="auto", check=True, dropout=None):
     """Block-sparse attention of the heads of `masks` (a BlockMasks).
 
     q: (batch, heads, n, head_dim), heads a multiple of the masks' head count (each mask head repeated
     contiguously); k, v: (batch, kv_heads, n, head_dim), kv_heads dividing heads. scale defaults to
     1/sqrt(head_dim). backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (the CPU path) or
-    "auto". Returns (batch, heads, n, head_dim) in q's dtype.
+    "auto". dropout: a Dropout (probability and seed, patterncc/families/shared/dropout.py) or None. Returns
+    (batch, heads, n, head_dim) in q's dtype.
 
         masks = dense_block_masks(torch.ones(1, n, n, dtype=torch.bool).tril(), block=16)
         out = blocksparse_attention(q, k, v, masks)
@@ -168,14 +177,15 @@ def blocksparse_attention(q, k, v, masks, scale=None, backend="auto", check=True
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if uses_triton(q, backend):
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-        return _BlocksparseTritonAttention.apply(q, k, v, scale, masks.layout(q.shape[2], q.device))
-    return blocksparse_attention_torch(q, k, v, masks, scale)
+        return _BlocksparseTritonAttention.apply(q, k, v, scale, masks.layout(q.shape[2], q.device), dropout)
+    return blocksparse_attention_torch(q, k, v, masks, scale, dropout)
 
 
-def blocksparse_aot_specs(masks, dtype="fp16", head_dim=64, kernels=None):
+def blocksparse_aot_specs(masks, dtype="fp16", head_dim=64, kernels=None, dropout=False):
     """For every block-sparse kernel: (name, kernel, signature, [(constexprs, options) per config of its chain]),
     for ahead-of-time compilation (`patterncc compile --target`). `kernels` maps names to the kernels to compile:
-    a generated module's own, which carry its pattern's hook (default: this module's, with the dense-mask hook)."""
+    a generated module's own, which carry its pattern's hook (default: this module's, with the dense-mask hook);
+    dropout: the variant with attention dropout."""
     kernels = kernels or {"blocksparse_fwd": blocksparse_fwd_kernel, "blocksparse_dkdv": blocksparse_bwd_dkdv_kernel,
                           "blocksparse_dq": blocksparse_bwd_dq_kernel}
     torch_dtype = AOT_DTYPES[dtype]
@@ -185,7 +195,8 @@ def blocksparse_aot_specs(masks, dtype="fp16", head_dim=64, kernels=None):
                     PARAMS="*i64" if masks.int64 else "*i32")
     if masks.num_parts > 1:  # split heads: every launch writes its part's share in float32 (blocksparse_fwd/_bwd)
         pointers.update(O="*fp32", DQ="*fp32", DK="*fp32", DV="*fp32")
-    return [(name, kernel, aot_signature(kernel, dtype, pointers, floats=("sm_scale", "sm_scale_log2")),
-             aot_configs(blocksparse_config_chain(name, torch_dtype, head_dim, masks.block),
-                         _constexprs(masks, torch_dtype, head_dim)))
+    constexprs = dict(_constexprs(masks, torch_dtype, head_dim), DROPOUT=dropout)
+    return [(name, kernel, aot_signature(kernel, dtype, pointers, floats=("sm_scale", "sm_scale_log2", "dropout_scale"),
+                                         int64s=("seed",)),
+             aot_configs(blocksparse_config_chain(name, torch_dtype, head_dim, masks.block), constexprs))
             for name, kernel in kernels.items()]

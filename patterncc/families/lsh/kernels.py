@@ -120,7 +120,7 @@ def lsh_fwd_kernel(
                                    m_n[None, :], ROUNDS)
             b_s = b_s - tl.math.log2(tl.maximum(count, 1).to(tl.float32))
         b_s = tl.where(m_allowed, b_s, float("-inf"))
-        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, b_s, b_v, DOT_PRECISION)
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, b_s, b_v, 1.0, DOT_PRECISION)
 
     acc, b_lse = online_softmax_finish(acc, l_i, m_i, float("-inf"))
     p_o = row_block(O + round_base * HEAD_DIM, o_i, HEAD_DIM, HEAD_DIM)
@@ -173,7 +173,7 @@ def lsh_bwd_dkdv_kernel(
                                     m_n[:, None], ROUNDS)
             b_sT = b_sT - tl.math.log2(tl.maximum(countT, 1).to(tl.float32))
         b_pT = tl.where(m_allowedT, tl.math.exp2(b_sT - b_lse[None, :]), 0.0)
-        dk, dv = softmax_bwd_kv(dk, dv, b_pT, b_q, b_v, b_do, b_delta, DOT_PRECISION)
+        dk, dv = softmax_bwd_kv(dk, dv, b_pT, 1.0, b_q, b_v, b_do, b_delta, DOT_PRECISION)
 
     tl.store(row_block(DK + round_base * HEAD_DIM, o_j, HEAD_DIM, HEAD_DIM), dk * sm_scale, mask=m_n[:, None])
     tl.store(row_block(DV + round_base * HEAD_DIM, o_j, HEAD_DIM, HEAD_DIM), dv, mask=m_n[:, None])
@@ -221,7 +221,7 @@ def lsh_bwd_dq_kernel(
                                    m_n[None, :], ROUNDS)
             b_s = b_s - tl.math.log2(tl.maximum(count, 1).to(tl.float32))
         b_p = tl.where(m_allowed, tl.math.exp2(b_s - b_lse[:, None]), 0.0)
-        dq = softmax_bwd_q(dq, b_p, b_k, b_vT, b_do, b_delta, DOT_PRECISION)
+        dq = softmax_bwd_q(dq, b_p, 1.0, b_k, b_vT, b_do, b_delta, DOT_PRECISION)
 
     p_dq = row_block(DQ + round_base * HEAD_DIM, o_i, HEAD_DIM, HEAD_DIM)
     tl.store(p_dq, dq * sm_scale, mask=m_m[:, None])

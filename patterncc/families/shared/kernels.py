@@ -12,16 +12,32 @@ import triton.language as tl
 
 
 @triton.jit
-def online_softmax_update(acc, l_i, m_i, b_s, b_v, DOT_PRECISION: tl.constexpr):
+def pair_dropout(seed, threshold, keep_scale, row_base, o_i, o_j, n_ctx, DROPOUT: tl.constexpr):
+    """Dropout's multiplier for pairs (o_i, o_j) (broadcast) of the (batch, head) whose rows start at row_base =
+    (b * heads + h) * n: keep_scale = 1 / (1 - p) where kept, 0 where dropped, or 1.0 without dropout. A pair's
+    Philox number (counter (row_base + i) * n + j) folded to 31 bits is kept when >= threshold = round(p * 2^31),
+    exactly as patterncc/families/shared/dropout.py decides on the CPU."""
+    if DROPOUT:
+        offset = (row_base + o_i.to(tl.int64)) * n_ctx + o_j.to(tl.int64)
+        bits = tl.randint(seed, offset).to(tl.int32, bitcast=True)
+        bits = tl.where(bits < 0, ~bits, bits)
+        return tl.where(bits >= threshold, keep_scale, 0.0)
+    else:
+        return 1.0
+
+
+@triton.jit
+def online_softmax_update(acc, l_i, m_i, b_s, b_v, b_drop, DOT_PRECISION: tl.constexpr):
     """Fold one tile of scores b_s [BLOCK_M, BLOCK_N] (-inf where not allowed) and values b_v [BLOCK_N, D] into
-    the running (acc, l_i, m_i)."""
+    the running (acc, l_i, m_i). b_drop: dropout's multiplier per pair (or 1.0): the normalizer l_i sums every
+    probability, the output only the kept ones, scaled."""
     m_new = tl.maximum(m_i, tl.max(b_s, 1))
     # A row with nothing allowed yet keeps m = -inf; subtracting 0 instead keeps exp2 free of NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     b_p = tl.math.exp2(b_s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(b_p, 1)
-    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + tl.dot((b_p * b_drop).to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -91,20 +107,22 @@ def load_row_stats(LSE, DELTA, row_base, o_n, m_n):
 
 
 @triton.jit
-def softmax_bwd_kv(dk, dv, b_pT, b_q, b_v, b_do, b_delta, DOT_PRECISION: tl.constexpr):
+def softmax_bwd_kv(dk, dv, b_pT, b_dropT, b_q, b_v, b_do, b_delta, DOT_PRECISION: tl.constexpr):
     """Add one query tile's share to a key tile's dV and (unscaled) dK: b_pT [BLOCK_N, BLOCK_M] holds the
-    probabilities, 0 where a pair is not allowed; dS = P * (dP - delta)."""
-    dv += tl.dot(b_pT.to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
+    probabilities, 0 where a pair is not allowed, b_dropT dropout's multipliers (or 1.0); with Z the dropped,
+    scaled probabilities, dV = Z^T dO and dS = P * (dZ * drop - delta), delta = rowsum(dO * O)."""
+    dv += tl.dot((b_pT * b_dropT).to(b_do.dtype), b_do, input_precision=DOT_PRECISION)
     b_dpT = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
-    b_dsT = b_pT * (b_dpT - b_delta[None, :])
+    b_dsT = b_pT * (b_dpT * b_dropT - b_delta[None, :])
     dk += tl.dot(b_dsT.to(b_q.dtype), b_q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def softmax_bwd_q(dq, b_p, b_k, b_vT, b_do, b_delta, DOT_PRECISION: tl.constexpr):
-    """Add one key tile's share to a query tile's (unscaled) dQ: b_p [BLOCK_M, BLOCK_N] as in softmax_bwd_kv."""
+def softmax_bwd_q(dq, b_p, b_drop, b_k, b_vT, b_do, b_delta, DOT_PRECISION: tl.constexpr):
+    """Add one key tile's share to a query tile's (unscaled) dQ: b_p [BLOCK_M, BLOCK_N] and b_drop as in
+    softmax_bwd_kv."""
     b_dp = tl.dot(b_do, b_vT, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-    b_ds = b_p * (b_dp - b_delta[:, None])
+    b_ds = b_p * (b_dp * b_drop - b_delta[:, None])
     dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PRECISION)
     return dq

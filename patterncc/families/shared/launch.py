@@ -68,7 +68,8 @@ def launch_kernel(name, kernel, grid, args, constexprs, q, chain, candidates=())
         return _run_kernel(kernel, grid, args, constexprs, CONFIG_OVERRIDE[name])
     config = chain[0]
     if q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        base = (name, q.dtype, q.shape[-1])
+        # Per kernel variant: its constexprs (dropout or not, ...) change its register needs.
+        base = (name, q.dtype, q.shape[-1], tuple(sorted(constexprs.items())))
         if base not in _SPILL_FREE:
             _SPILL_FREE[base] = next((c for c in chain if _compiles_without_spills(kernel, grid, args, constexprs, c)),
                                      chain[-1])
@@ -152,11 +153,11 @@ def check_triton_inputs(q, head_dims):
 AOT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def aot_signature(kernel, dtype, pointers=None, floats=()):
+def aot_signature(kernel, dtype, pointers=None, floats=(), int64s=()):
     """A kernel's signature for triton.compile, read off its parameters by the kernels' naming convention:
     upper-case names are pointers to `dtype` ("fp16", ...) unless `pointers` gives another type (another
-    pointer, or a scalar such as NUM_BLOCKS: "i32"), lower-case names are int32 unless listed in `floats` (fp32),
-    constexprs are "constexpr"."""
+    pointer, or a scalar such as NUM_BLOCKS: "i32"), lower-case names are int32 unless listed in `floats` (fp32)
+    or `int64s`, constexprs are "constexpr"."""
     pointers = pointers or {}
     signature = {}
     # The Python function's own parameters: the same under the compiler (JITFunction.fn) and the interpreter.
@@ -166,7 +167,7 @@ def aot_signature(kernel, dtype, pointers=None, floats=()):
         elif name.isupper():
             signature[name] = pointers.get(name, "*" + dtype)
         else:
-            signature[name] = "fp32" if name in floats else "i32"
+            signature[name] = "fp32" if name in floats else "i64" if name in int64s else "i32"
     return signature
 
 

@@ -24,50 +24,55 @@ def attention_op_namespace(pattern_key):
 
 
 def register_attention_ops(namespace, attention_fn):
-    """Register `namespace::attention` (q, k, v, scale, backend, buffers, documents) -> out and its backward, once
-    per namespace, and return the forward operator. attention_fn(q, k, v, scale, backend, buffers, documents) is
-    the eager attention: scale a float, buffers the module's random draws as a list (empty for none), documents
-    None or the (batch, n) document ids (patterncc/families/shared/documents.py)."""
+    """Register `namespace::attention` (q, k, v, scale, backend, buffers, documents, dropout_p, seed) -> out and its
+    backward, once per namespace, and return the forward operator. attention_fn takes the same arguments: the
+    eager attention. scale a float; buffers the module's random draws as a list (empty for none); documents None
+    or the (batch, n) document ids (documents.py); dropout_p and seed (a 0-d int64 tensor, or None) attention
+    dropout (dropout.py), whose pairs the backward regenerates from the seed."""
     ops = getattr(torch.ops, namespace)
     if hasattr(ops, "attention"):
         return ops.attention
 
     @torch.library.custom_op(f"{namespace}::attention", mutates_args=())
     def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str,
-                  buffers: list[torch.Tensor], documents: torch.Tensor | None) -> torch.Tensor:
+                  buffers: list[torch.Tensor], documents: torch.Tensor | None, dropout_p: float,
+                  seed: torch.Tensor | None) -> torch.Tensor:
         # Results are contiguous, whatever the inputs' strides, as the fake implementations promise.
         with torch.no_grad():
-            return attention_fn(q, k, v, scale, backend, buffers, documents).contiguous()
+            return attention_fn(q, k, v, scale, backend, buffers, documents, dropout_p, seed).contiguous()
 
     @attention.register_fake
-    def _(q, k, v, scale, backend, buffers, documents):
+    def _(q, k, v, scale, backend, buffers, documents, dropout_p, seed):
         return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
     @torch.library.custom_op(f"{namespace}::attention_backward", mutates_args=())
     def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                           backend: str, buffers: list[torch.Tensor],
-                           documents: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           backend: str, buffers: list[torch.Tensor], documents: torch.Tensor | None,
+                           dropout_p: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
         inputs = [x.detach().requires_grad_() for x in (q, k, v)]
         with torch._C._ForceDispatchKeyGuard(*_OUTSIDE_OPERATORS), torch.enable_grad():
-            out = attention_fn(*inputs, scale, backend, buffers, documents)
+            out = attention_fn(*inputs, scale, backend, buffers, documents, dropout_p, seed)
         # An input the pattern never reads (keys of shared-QK hashed heads) gets a zero gradient.
         grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
         return tuple(torch.zeros(x.shape, dtype=x.dtype, device=x.device) if g is None else g.contiguous()
                      for x, g in zip(inputs, grads))
 
     @attention_backward.register_fake
-    def _(grad_out, q, k, v, scale, backend, buffers, documents):
+    def _(grad_out, q, k, v, scale, backend, buffers, documents, dropout_p, seed):
         return tuple(x.new_empty(x.shape) for x in (q, k, v))
 
     def setup_context(ctx, inputs, output):
-        q, k, v, scale, backend, buffers, documents = inputs
-        ctx.save_for_backward(q, k, v, documents, *buffers)
-        ctx.scale, ctx.backend = scale, backend
+        q, k, v, scale, backend, buffers, documents, dropout_p, seed = inputs
+        ctx.save_for_backward(q, k, v, documents, seed, *buffers)
+        ctx.scale, ctx.backend, ctx.dropout_p = scale, backend, dropout_p
 
     def backward(ctx, grad_out):
-        q, k, v, documents, *buffers = ctx.saved_tensors
-        dq, dk, dv = attention_backward(grad_out.contiguous(), q, k, v, ctx.scale, ctx.backend, buffers, documents)
-        return dq, dk, dv, None, None, [None] * len(buffers), None  # no gradient for draws and documents
+        q, k, v, documents, seed, *buffers = ctx.saved_tensors
+        dq, dk, dv = attention_backward(grad_out.contiguous(), q, k, v, ctx.scale, ctx.backend, buffers, documents,
+                                        ctx.dropout_p, seed)
+        # No gradient for the random draws, the documents or the seed.
+        return dq, dk, dv, None, None, [None] * len(buffers), None, None, None
 
     attention.register_autograd(backward, setup_context=setup_context)
     return ops.attention

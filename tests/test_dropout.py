@@ -1,0 +1,133 @@
+"""Attention dropout of set heads: one Philox stream shared by the CPU path and the Triton kernels.
+
+The float64 reference drops the pairs `dropout_keep` names (the torch Philox, itself checked bit for bit against
+Triton's `tl.randint`) from masked softmax attention, scaled by 1 / (1 - p): forward and q/k/v gradients with
+that mask fixed, on the torch path and under the interpreter, including heads split into parts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import EXAMPLES_DIR
+from kernel_support import build, make_inputs
+from tolerance import assert_rms_close, forward_backward
+
+import patterncc
+import patterncc.nn
+from patterncc.families.shared.dropout import Dropout, dropout_keep, dropout_offsets, philox_randint
+from patterncc.mask import pattern_mask
+
+PATTERNS = {
+    "set": "pattern d(l = 8) { causal block 16 head a = local(l) | stride(l) head b = summary(l, 2) | global(3) }",
+    # Heads split into disjoint parts (local | stride in their own orders): parts share the pairs' numbers.
+    "split": "pattern p(l = 24) { causal block 16 head a = local(l) head b = stride(l) combine merged }",
+}
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def test_torch_philox_is_tritons():
+    """philox_randint equals tl.randint bit for bit (interpreter), for 64-bit offsets and seeds."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def draw(OUT, OFFSETS, seed, N: tl.constexpr):
+        o = tl.arange(0, N)
+        tl.store(OUT + o, tl.randint(seed, tl.load(OFFSETS + o)).to(tl.int64))
+
+    offsets = torch.cat([torch.tensor([0, 1, 2**32 - 1, 2**32, 2**40 + 3]),
+                         torch.randint(0, 2**45, (251,), generator=torch.Generator().manual_seed(1))])
+    out = torch.empty(256, dtype=torch.int64)
+    for seed in (0, 1, 2**31 + 5, 2**61 + 12345):
+        draw[(1,)](out, offsets, seed, 256)
+        assert torch.equal(philox_randint(seed, offsets), out & 0xFFFFFFFF), seed
+
+
+def test_keep_rate_within_binomial_bounds():
+    for p in (0.1, 0.5, 0.9):
+        keep = dropout_keep(Dropout(p, seed=7), torch.arange(200_000, dtype=torch.int64))
+        kept, n = int(keep.sum()), keep.numel()
+        sigma = math.sqrt(n * p * (1 - p))
+        assert abs(kept - n * (1 - p)) < 5 * sigma, (p, kept / n)
+
+
+def _reference(pattern, q, k, v, dropout):
+    """Masked softmax attention in float64 with the pairs dropout_keep drops set to 0 and the rest scaled."""
+    batch, heads, n, dim = q.shape
+    mask = pattern_mask(pattern, n)
+    mask = mask.repeat_interleave(heads // mask.shape[0], dim=0)
+    k = k.repeat_interleave(heads // k.shape[1], dim=1)
+    v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(dim)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probabilities = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    i = torch.arange(n).view(n, 1)
+    keep = dropout_keep(dropout, dropout_offsets(batch, heads, n, torch.arange(heads), i, i.view(1, n)))
+    return (probabilities * keep * dropout.scale) @ v
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)],
+                         ids=["torch-fp64", "triton-fp32"])
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_dropout_matches_reference(tmp_path, name, backend, dtype):
+    pattern = patterncc.parse(PATTERNS[name])
+    module = build(pattern, tmp_path)
+    q, k, v, grad = make_inputs(2, module.NUM_HEADS * 2, module.NUM_HEADS, 75, 16, dtype)
+    torch.manual_seed(3)
+    seed = module.dropout_seed(0.3, module.HEAD_FAMILIES)
+
+    tested = forward_backward(lambda a, b, c: module.eager_attention(a, b, c, 0.25, backend, [], None, 0.3, seed),
+                              q, k, v, grad)
+    dropout = Dropout(0.3, int(seed))
+    golden = forward_backward(lambda a, b, c: _reference(pattern, a, b, c, dropout), q.double(), k.double(),
+                              v.double(), grad.double())
+    for tensor in ("out", "dq", "dk", "dv"):
+        assert_rms_close(f"{name} {backend} {tensor}", tested[tensor], golden[tensor], TOLERANCE[dtype])
+
+
+def test_same_seed_same_output_and_paths_agree(tmp_path):
+    module = build(patterncc.parse(PATTERNS["set"]), tmp_path)
+    q, k, v, _ = make_inputs(2, 4, 2, 70, 16, torch.float32)
+    outputs = {}
+    for backend in ("torch", "triton", "torch"):
+        torch.manual_seed(11)
+        outputs.setdefault(backend, []).append(module.attention(q, k, v, backend=backend, dropout_p=0.2))
+    torch.testing.assert_close(outputs["torch"][0], outputs["torch"][1], rtol=0, atol=0)
+    torch.testing.assert_close(outputs["triton"][0], outputs["torch"][0], rtol=1e-5, atol=1e-5)
+    torch.manual_seed(12)
+    assert not torch.allclose(module.attention(q, k, v, dropout_p=0.2), outputs["torch"][0])
+    assert not torch.allclose(module.attention(q, k, v), outputs["torch"][0])
+
+
+def test_dropout_refused_where_not_implemented():
+    attn = patterncc.load(EXAMPLES_DIR / "hybrid.attn", w=8, l=8)
+    q, k, v, _ = make_inputs(1, 6, 6, 32, 16, torch.float32)
+    with pytest.raises(ValueError, match="implemented for set heads only, and this pattern has kernel heads"):
+        attn(q, k, v, dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"dropout_p must be a number in \[0, 1\), got 1.0"):
+        patterncc.load(EXAMPLES_DIR / "strided.attn")(q[:, :2], k[:, :2], v[:, :2], dropout_p=1.0)
+
+
+def test_compiled_dropout_equals_eager():
+    attn = patterncc.load(PATTERNS["set"])
+    q, k, v, grad = make_inputs(2, 2, 2, 50, 16, torch.float64)
+    compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(4)
+    eager = forward_backward(lambda a, b, c: attn(a, b, c, dropout_p=0.4), q, k, v, grad)
+    torch.manual_seed(4)
+    traced = forward_backward(lambda a, b, c: compiled(a, b, c, dropout_p=0.4), q, k, v, grad)
+    for tensor in ("out", "dq", "dk", "dv"):
+        torch.testing.assert_close(traced[tensor], eager[tensor], rtol=1e-12, atol=1e-12)
+
+
+def test_layer_drops_only_in_training():
+    layer = patterncc.nn.SparseSelfAttention(32, 4, PATTERNS["set"], dropout=0.5)
+    x = torch.randn(2, 40, 32)
+    torch.manual_seed(0)
+    trained = layer(x)
+    layer.eval()
+    assert not torch.allclose(trained, layer(x))
+    torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
