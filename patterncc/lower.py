@@ -421,6 +421,8 @@ def render(kernel_plan: KernelPlan, key: str) -> str:
         permuted_masks=[m for m in masks if m["plan"].period],
         buffer_names=tuple(buffer_names), has_favor=bool(favor),
         can_step=kernel_plan.families == ("kernel",) and kernel_plan.causal,
+        # KV-cache generation (prefill/decode): causal set and kernel heads (hashed heads: not yet).
+        can_decode=kernel_plan.causal and not kernel_plan.hashed_calls,
         head_summary=_head_summary(kernel_plan), version=__version__, torch_version=torch.__version__,
         triton_version=triton_version, source_lines=format_pattern(pattern).splitlines(),
         filename=repr(str(pattern.filename)),
@@ -459,6 +461,8 @@ def _public_names(kernel_plan: KernelPlan, context: dict, library_names: frozens
         names += ["BUFFERS", "default_buffers"]
     if context["can_step"]:
         names += ["init_state", "step"]
+    if context["can_decode"]:
+        names += ["new_cache", "prefill", "decode"]
     return names + [name for name in _LIBRARY_ENTRY_POINTS if name in library_names]
 
 

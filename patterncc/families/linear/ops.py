@@ -343,6 +343,21 @@ def linear_step(q_t, k_t, v_t, state, feature_map, eps, projection=None):
     return (num / (den + eps)).to(q_t.dtype), (s, z, m_new)
 
 
+def linear_prefill_state(k, v, feature_map, projection=None, dtype=torch.float32):
+    """The decoding state (S, z, m) after keys k and values v (batch, heads, p, head_dim) of a prompt, in closed
+    form (two matrix products, not p steps): what p calls of linear_step from linear_init_state give."""
+    batch, heads, length, _ = k.shape
+    if projection is not None:
+        projection = projection.to(k.device)
+    phi_k, r = linear_phi(k.to(dtype), feature_map, projection)
+    if r is None:  # elu1, relu: linear_step's reference maximum is 0 once a key is seen
+        r = torch.zeros(batch, heads, length, device=k.device, dtype=dtype)
+    m = r.max(dim=-1).values if length else torch.full((batch, heads), float("-inf"), device=k.device, dtype=dtype)
+    weights = torch.exp(r - m[..., None])[..., None] if length else r[..., None]
+    phi_k = phi_k * weights  # [batch, heads, p, F]
+    return torch.matmul(phi_k.transpose(-1, -2), v.to(dtype)), phi_k.sum(dim=2), m
+
+
 def linear_aot_specs(dtype="fp16", head_dim=64, feature_maps=LINEAR_FEATURE_MAPS, causal=(True, False),
                      features=64, kernels=None):
     """For every kernel variant: (name, kernel, signature, [(constexprs, options) per config of its chain]), as
@@ -424,6 +439,13 @@ def linear_heads_init_state(calls, batch, heads, head_dim, num_heads, device, dt
 
 def linear_heads_step(q_t, k_t, v_t, state, calls, buffers, num_heads):
     """One decoding step of every kernel call: (out_t, new state), as the causal forward at that position."""
+    pieces, new_state = linear_heads_step_pieces(q_t, k_t, v_t, state, calls, buffers, num_heads)
+    return assemble_heads(pieces, q_t.unsqueeze(2), num_heads).squeeze(2), new_state
+
+
+def linear_heads_step_pieces(q_t, k_t, v_t, state, calls, buffers, num_heads):
+    """One decoding step of every kernel call: ([(pattern heads, out_t (batch, heads, 1, head_dim))], new
+    state), for modules that assemble them with other families' heads."""
     q, k, v = (x.unsqueeze(2) for x in (q_t, k_t, v_t))
     pieces, new_state = [], []
     for call, call_state in zip(calls, state):
@@ -432,4 +454,14 @@ def linear_heads_step(q_t, k_t, v_t, state, calls, buffers, num_heads):
         out_part, call_state = linear_step(q_part, k_part, v_part, call_state, call.feature_map, call.eps, projection)
         pieces.append((call.heads, out_part.unsqueeze(2)))
         new_state.append(call_state)
-    return assemble_heads(pieces, q, num_heads).squeeze(2), new_state
+    return pieces, new_state
+
+
+def linear_heads_prefill_state(q, k, v, calls, buffers, num_heads, dtype=torch.float32):
+    """The decoding state of every kernel call after a prompt (batch, heads, p, head_dim), in closed form."""
+    states = []
+    for call in calls:
+        _, k_part, v_part = heads_of(q, k, v, call.heads, num_heads, expand_kv=True)
+        projection = per_q_head(buffers[call.buffer], q, num_heads) if call.feature_map == "favor" else None
+        states.append(linear_prefill_state(k_part, v_part, call.feature_map, projection, dtype))
+    return states

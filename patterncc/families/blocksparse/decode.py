@@ -1,0 +1,56 @@
+"""Set heads, one position at a time: the keys a new query may see, from the layout row, and attention over them.
+
+Decoding runs the pattern at the cache's sequence length (`max_len`), as the causal forward over the whole
+sequence does. For the query at position t, the key tiles its layout row lists (natural order, EMPTY skipped)
+hold every candidate key; the predicate keeps those at or before t that the mask allows. Listing costs the
+row's tiles, and attention the allowed keys only: strided(l) attends l + t / l keys.
+"""
+
+import torch
+
+from ...runtime import tiles
+
+
+def decode_keys(masks, mask_ids, t, max_len):
+    """The key positions (ascending int64) the query at position t may attend under the union of masks
+    `mask_ids` (a set head's disjoint parts), at sequence length max_len."""
+    layout = masks.layout(max_len, "cpu")
+    block = masks.block
+    keys = []
+    for mask in mask_ids:
+        if mask >= masks.num_masks:  # the empty part of a head with fewer parts
+            continue
+        listed = (layout.natural_classes[mask][t // block] != tiles.EMPTY).nonzero().flatten()
+        candidates = (listed[:, None] * block + torch.arange(block)).flatten()
+        candidates = candidates[candidates <= t]
+        allowed = masks.allowed(mask, torch.tensor([t]), candidates, max_len, layout.random_cpu)
+        keys.append(candidates[allowed.reshape(-1)])
+    if len(keys) == 1:
+        return keys[0]  # ascending: tiles listed in order
+    return torch.unique(torch.cat(keys)) if keys else torch.zeros(0, dtype=torch.int64)
+
+
+def blocksparse_decode(q_t, k_cache, v_cache, masks, scale, t, max_len):
+    """Attention of query position t: q_t (batch, heads, head_dim) over the cached keys and values (batch,
+    kv_heads, >= t + 1, head_dim) each head's masks allow; heads a multiple of the masks' head count. Returns
+    (batch, heads, head_dim) in q_t's dtype (0 for a head with no allowed key)."""
+    num_q_heads = q_t.shape[1]
+    q_per_head = num_q_heads // len(masks.head_masks)
+    q_per_kv = num_q_heads // k_cache.shape[1]
+    compute = torch.float32 if q_t.dtype in (torch.float16, torch.bfloat16) else q_t.dtype
+    out = torch.zeros(q_t.shape, dtype=compute, device=q_t.device)
+    heads_of_masks = {}  # set heads sharing their masks share one key list and one batched product
+    for head, mask_ids in enumerate(masks.head_masks):
+        heads_of_masks.setdefault(mask_ids, []).extend(range(head * q_per_head, (head + 1) * q_per_head))
+    for mask_ids, q_heads in heads_of_masks.items():
+        keys = decode_keys(masks, mask_ids, t, max_len).to(q_t.device)
+        if keys.numel() == 0:
+            continue
+        q_index = torch.tensor(q_heads, device=q_t.device)
+        kv_index = q_index // q_per_kv
+        # The allowed keys first (a few), then the heads: never a copy of the whole cache.
+        k = k_cache.index_select(2, keys).index_select(1, kv_index).to(compute)  # [batch, heads, keys, d]
+        v = v_cache.index_select(2, keys).index_select(1, kv_index).to(compute)
+        scores = torch.matmul(k, q_t.index_select(1, q_index).to(compute)[..., None])[..., 0] * scale
+        out[:, q_index] = torch.matmul(torch.softmax(scores, dim=-1)[:, :, None, :], v)[:, :, 0]
+    return out.to(q_t.dtype)

@@ -1,0 +1,105 @@
+"""Generation with a KV cache: prefill(p) then decode of the remaining positions equals the causal forward over
+the whole sequence (float64, torch path; the prefill's kernels under the interpreter too), and a decode step's
+keys are exactly the mask's row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import EXAMPLES_DIR
+from kernel_support import build, make_inputs
+
+import patterncc
+from patterncc.mask import pattern_mask
+
+N = 90
+CASES = {
+    "strided": (EXAMPLES_DIR / "strided.attn", dict(l=8)),
+    "fixed": (EXAMPLES_DIR / "fixed.attn", dict(l=16, c=3)),
+    "local": (EXAMPLES_DIR / "local.attn", dict(w=9, heads=2)),
+    "dilated": (EXAMPLES_DIR / "dilated.attn", dict(w=4)),
+    "linear": (EXAMPLES_DIR / "linear.attn", dict(heads=2)),
+    "hybrid": (EXAMPLES_DIR / "hybrid.attn", dict(w=8, l=8, k=1)),
+    # per-head h, set algebra and where; a window that depends on n (decoding sees n = max_len); random blocks
+    "per_head": ("pattern p(l = 12) { causal block 16 head s[2] = (where j % l >= l - 2 * (h + 1)) | local(3) "
+                 "head t = stride(5) - chunk(20) }", {}),
+    "n_dependent": ("pattern p() { causal block 16 head a = local(n // 8) | global(2) }", {}),
+    "random": ("pattern p() { causal block 16 head a = random(2, seed = 3) | local(4) }", {}),
+}
+
+
+def _decode_all(attn, q, k, v, prompt, backend_prefill=None):
+    """prefill(prompt) then decode the rest, in steps of one position and, every seventh, three (speculative)."""
+    cache = attn.new_cache(q.shape[0], k.shape[1], q.shape[-1], q.shape[2], q.dtype)
+    outputs = []
+    if prompt:
+        outputs.append(attn.prefill(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], cache))
+    t = prompt
+    while t < q.shape[2]:
+        step = min(3 if t % 7 == 0 else 1, q.shape[2] - t)
+        outputs.append(attn.decode(q[:, :, t:t + step], k[:, :, t:t + step], v[:, :, t:t + step], cache))
+        t += step
+    assert cache.length == q.shape[2]
+    return torch.cat(outputs, dim=2)
+
+
+@pytest.mark.parametrize("prompt", [0, 1, 16, 37])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_prefill_then_decode_equals_the_causal_forward(name, prompt):
+    source, params = CASES[name]
+    attn = patterncc.load(source, **params)
+    heads = attn.num_heads * 2
+    q, k, v, _ = make_inputs(2, heads, heads // 2, N, 16, torch.float64)  # grouped-query: 2 query heads per kv
+    torch.testing.assert_close(_decode_all(attn, q, k, v, prompt), attn(q, k, v), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["strided", "hybrid"])
+def test_prefill_runs_the_kernels(tmp_path, name):
+    """The prompt runs through the Triton kernels (interpreter), the decode steps through the torch path."""
+    source, params = CASES[name]
+    module = build(patterncc.parse(source, **params), tmp_path)
+    q, k, v, _ = make_inputs(1, module.NUM_HEADS, module.NUM_HEADS, 70, 16, torch.float32)
+    cache = module.new_cache(1, module.NUM_HEADS, 16, 70)
+    first = module.prefill(q[:, :, :40], k[:, :, :40], v[:, :, :40], cache, backend="triton")
+    rest = module.decode(q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], cache)
+    torch.testing.assert_close(torch.cat([first, rest], dim=2), module.attention(q, k, v, backend="torch"),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["strided", "fixed", "per_head", "random"])
+def test_decode_keys_are_the_mask_row(name):
+    """The keys a decode step attends are exactly the dense mask's row (n = 300, every position)."""
+    source, params = CASES[name]
+    pattern = patterncc.parse(source, **params)
+    attn = patterncc.load(source, **params)
+    module = __import__("sys").modules[type(attn).__module__]
+    masks = module.PATTERN_MASKS
+    dense = pattern_mask(pattern, 300)
+    for head, set_head in enumerate(module.SET_HEADS):
+        for t in range(300):
+            keys = module.decode_keys(masks, masks.head_masks[head], t, 300)
+            assert torch.equal(keys, dense[set_head, t].nonzero().flatten()), (name, set_head, t)
+
+
+def test_strided_decode_reads_l_plus_t_over_l_keys():
+    attn = patterncc.load(EXAMPLES_DIR / "strided.attn", l=128)
+    module = __import__("sys").modules[type(attn).__module__]
+    local, stride = (len(module.decode_keys(module.PATTERN_MASKS, masks, 16000, 16384))
+                     for masks in module.PATTERN_MASKS.head_masks)
+    assert (local, stride) == (129, 16000 // 128 + 1)
+
+
+def test_cache_errors_name_both_numbers():
+    attn = patterncc.load(CASES["strided"][0], **CASES["strided"][1])
+    q, k, v, _ = make_inputs(1, 2, 2, 10, 16, torch.float32)
+    cache = attn.new_cache(1, 2, 16, 8)
+    with pytest.raises(ValueError, match="the cache holds 8 positions: 0 used, 10 more do not fit"):
+        attn.prefill(q, k, v, cache)
+    cache = attn.new_cache(1, 1, 16, 16)
+    with pytest.raises(ValueError, match=r"this cache holds \(batch, kv_heads, head_dim\) = \(1, 1, 16\), got "
+                                         r"\(1, 2, 16\)"):
+        attn.prefill(q, k, v, cache)
+    with pytest.raises(ValueError, match="needs a causal pattern"):
+        patterncc.load(EXAMPLES_DIR / "bigbird.attn").new_cache(1, 4, 16, 64)
+    with pytest.raises(ValueError, match="not implemented for hashed heads"):
+        patterncc.load(EXAMPLES_DIR / "reformer.attn").new_cache(1, 8, 16, 64)
