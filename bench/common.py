@@ -39,3 +39,12 @@ def chosen_configs(launcher) -> dict[str, list[int]]:
         for key, config in getattr(launcher, name, {}).items():
             configs[f"{kind} " + " ".join(str(part).removeprefix("torch.") for part in key)] = list(config)
     return configs
+
+
+def write_results(path, args, rows):
+    """A benchmark's rows as JSON at `path` (when given), with its arguments and torch's version."""
+    import json
+
+    if path:
+        with open(path, "w") as f:
+            json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=1)

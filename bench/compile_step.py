@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from common import ROOT
+from common import ROOT, write_results
 
 spec = importlib.util.spec_from_file_location("train_lm", ROOT / "examples" / "train_lm.py")
 train_lm = importlib.util.module_from_spec(spec)
@@ -84,9 +83,7 @@ def main() -> None:
                          "compiled_speedup": eager / compiled})
             print(f"threads {threads}  {label:18s}  eager {eager * 1e3:8.1f} ms  compiled {compiled * 1e3:8.1f} ms  "
                   f"eager/compiled {eager / compiled:.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    write_results(args.json, args, rows)
 
 
 if __name__ == "__main__":

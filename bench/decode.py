@@ -11,12 +11,11 @@ key with F.scaled_dot_product_attention for each new position. Run it with the m
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 import torch.nn.functional as F
-from common import EXAMPLES
+from common import EXAMPLES, write_results
 
 import patterncc
 
@@ -73,9 +72,7 @@ def main() -> None:
                          "speedup": rate / dense})
             print(f"threads {threads}  {label:18s}  {rate:8.1f} tok/s   dense SDPA {dense:8.1f} tok/s   "
                   f"{rate / dense:5.2f}x")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=1)
+    write_results(args.json, args, rows)
 
 
 if __name__ == "__main__":

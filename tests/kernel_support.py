@@ -7,6 +7,7 @@ import os
 import uuid
 from pathlib import Path
 
+import pytest
 import torch
 from tolerance import assert_within_eager_error, forward_backward
 
@@ -130,3 +131,10 @@ def family_results(module, pattern, n, dim, dtype, backend, head_multiple=1, kv_
     golden = forward_backward(lambda a, b, c: module_reference(module, pattern, a, b, c, buffers, scale, layer),
                                q.double(), k.double(), v.double(), grad.double())
     return tested, golden
+
+
+# Whole modules against their float64 references: the torch path in float64 (the same math: agreement to
+# rounding) and the Triton kernels under the interpreter in float32; RMS error bounds (tolerance.assert_rms_close).
+MODULE_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+torch_and_interpreter = pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)],
+                                                ids=["torch-fp64", "triton-fp32"])

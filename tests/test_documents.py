@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_support import build, make_inputs
+from kernel_support import MODULE_TOLERANCE, build, make_inputs, torch_and_interpreter
 from tolerance import assert_rms_close, forward_backward
 
 import patterncc
@@ -49,7 +49,6 @@ DOCUMENTS = torch.tensor([
     [5] + [3] * 20 + [-1] * 4 + [3] * 10 + [7] * 15,
     [-1] * N,
 ])
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
 def reference(module, pattern, q, k, v, documents, buffers):
@@ -64,8 +63,7 @@ def reference(module, pattern, q, k, v, documents, buffers):
     return out
 
 
-@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)],
-                         ids=["torch-fp64", "triton-fp32"])
+@torch_and_interpreter
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_documents_match_per_document_reference(tmp_path, name, backend, dtype):
     pattern = patterncc.parse(PATTERNS[name])
@@ -78,7 +76,7 @@ def test_documents_match_per_document_reference(tmp_path, name, backend, dtype):
     golden = forward_backward(lambda a, b, c: reference(module, pattern, a, b, c, DOCUMENTS, buffers),
                               q.double(), k.double(), v.double(), grad.double())
     for tensor in ("out", "dq", "dk", "dv"):
-        assert_rms_close(f"{name} {backend} {tensor}", tested[tensor], golden[tensor], TOLERANCE[dtype])
+        assert_rms_close(f"{name} {backend} {tensor}", tested[tensor], golden[tensor], MODULE_TOLERANCE[dtype])
     padding = DOCUMENTS[:, None, :, None].expand_as(tested["out"]) < 0
     assert not tested["out"].isnan().any() and not tested["out"][padding].any(), "padding rows must be 0"
 

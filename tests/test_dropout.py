@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 from conftest import EXAMPLES_DIR
-from kernel_support import build, make_inputs
+from kernel_support import MODULE_TOLERANCE, build, make_inputs, torch_and_interpreter
 from tolerance import assert_rms_close, forward_backward
 
 import patterncc
@@ -25,7 +25,6 @@ PATTERNS = {
     # Heads split into disjoint parts (local | stride in their own orders): parts share the pairs' numbers.
     "split": "pattern p(l = 24) { causal block 16 head a = local(l) head b = stride(l) combine merged }",
 }
-TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 
 
 def test_torch_philox_is_tritons():
@@ -69,8 +68,7 @@ def _reference(pattern, q, k, v, dropout):
     return (probabilities * keep * dropout.scale) @ v
 
 
-@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)],
-                         ids=["torch-fp64", "triton-fp32"])
+@torch_and_interpreter
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_dropout_matches_reference(tmp_path, name, backend, dtype):
     pattern = patterncc.parse(PATTERNS[name])
@@ -85,7 +83,7 @@ def test_dropout_matches_reference(tmp_path, name, backend, dtype):
     golden = forward_backward(lambda a, b, c: _reference(pattern, a, b, c, dropout), q.double(), k.double(),
                               v.double(), grad.double())
     for tensor in ("out", "dq", "dk", "dv"):
-        assert_rms_close(f"{name} {backend} {tensor}", tested[tensor], golden[tensor], TOLERANCE[dtype])
+        assert_rms_close(f"{name} {backend} {tensor}", tested[tensor], golden[tensor], MODULE_TOLERANCE[dtype])
 
 
 def test_same_seed_same_output_and_paths_agree(tmp_path):
