@@ -15,19 +15,32 @@ def decode_keys(masks, mask_ids, t, max_len):
     """The key positions (ascending int64) the query at position t may attend under the union of masks
     `mask_ids` (a set head's disjoint parts), at sequence length max_len."""
     layout = masks.layout(max_len, "cpu")
-    block = masks.block
     keys = []
     for mask in mask_ids:
         if mask >= masks.num_masks:  # the empty part of a head with fewer parts
             continue
-        listed = (layout.natural_classes[mask][t // block] != tiles.EMPTY).nonzero().flatten()
-        candidates = (listed[:, None] * block + torch.arange(block)).flatten()
-        candidates = candidates[candidates <= t]
-        allowed = masks.allowed(mask, torch.tensor([t]), candidates, max_len, layout.random_cpu)
-        keys.append(candidates[allowed.reshape(-1)])
+        candidates, allowed = _row_keys(layout, mask, t // masks.block)
+        keys.append(candidates[allowed[t % masks.block] & (candidates <= t)])
     if len(keys) == 1:
         return keys[0]  # ascending: tiles listed in order
     return torch.unique(torch.cat(keys)) if keys else torch.zeros(0, dtype=torch.int64)
+
+
+def _row_keys(layout, mask, row):
+    """(candidate keys [K], allowed [block, K]) of a query tile: the keys of the tiles its layout row lists and the
+    predicate on them for each of the tile's queries. Consecutive decode steps share a tile, so it is evaluated
+    once per tile and kept (the latest tile per mask: memory block x K)."""
+    cache = layout.decode_rows
+    if mask not in cache or cache[mask][0] != row:
+        block, n = layout.masks.block, layout.n
+        listed = (layout.natural_classes[mask][row] != tiles.EMPTY).nonzero().flatten()
+        candidates = (listed[:, None] * block + torch.arange(block)).flatten()
+        queries = row * block + torch.arange(block)
+        candidates = candidates[candidates <= min(queries[-1], n - 1)]  # causal: no key past the tile's last query
+        allowed = layout.masks.allowed(mask, queries.clamp(max=n - 1)[:, None], candidates[None, :], n,
+                                       layout.random_cpu)
+        cache[mask] = (row, candidates, allowed.expand(block, candidates.numel()))
+    return cache[mask][1], cache[mask][2]
 
 
 def blocksparse_decode(q_t, k_cache, v_cache, masks, scale, t, max_len):
