@@ -66,14 +66,19 @@ def test_prefill_runs_the_kernels(tmp_path, name):
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kept", [True, False], ids=["tile-kept", "per-step"])
 @pytest.mark.parametrize("name", ["strided", "fixed", "per_head", "random"])
-def test_decode_keys_are_the_mask_row(name):
-    """The keys a decode step attends are exactly the dense mask's row (n = 300, every position)."""
+def test_decode_keys_are_the_mask_row(name, kept, monkeypatch):
+    """The keys a decode step attends are exactly the dense mask's row (n = 300, every position), with a query
+    tile's predicate kept for its steps and, past the memory bound, evaluated per step."""
     source, params = CASES[name]
     pattern = patterncc.parse(source, **params)
     attn = patterncc.load(source, **params)
     module = __import__("sys").modules[type(attn).__module__]
     masks = module.PATTERN_MASKS
+    masks.layout(300, "cpu").decode_rows.clear()
+    if not kept:
+        monkeypatch.setattr(module, "_ROW_PAIRS", 0)
     dense = pattern_mask(pattern, 300)
     for head, set_head in enumerate(module.SET_HEADS):
         for t in range(300):

@@ -19,28 +19,40 @@ def decode_keys(masks, mask_ids, t, max_len):
     for mask in mask_ids:
         if mask >= masks.num_masks:  # the empty part of a head with fewer parts
             continue
-        candidates, allowed = _row_keys(layout, mask, t // masks.block)
-        keys.append(candidates[allowed[t % masks.block] & (candidates <= t)])
+        candidates, allowed = _row_keys(layout, mask, t)
+        keys.append(candidates[allowed & (candidates <= t)])
     if len(keys) == 1:
         return keys[0]  # ascending: tiles listed in order
     return torch.unique(torch.cat(keys)) if keys else torch.zeros(0, dtype=torch.int64)
 
 
-def _row_keys(layout, mask, row):
-    """(candidate keys [K], allowed [block, K]) of a query tile: the keys of the tiles its layout row lists and the
-    predicate on them for each of the tile's queries. Consecutive decode steps share a tile, so it is evaluated
-    once per tile and kept (the latest tile per mask: memory block x K)."""
+# Keep a query tile's predicate (block x its candidate keys, as int64 intermediates) only up to this many pairs;
+# beyond it, each step evaluates its own row (memory O(candidates) instead of O(block x candidates)).
+_ROW_PAIRS = 1 << 22
+
+
+def _row_keys(layout, mask, t):
+    """(candidate keys [K], allowed [K]) for the query at t: the keys of the tiles its layout row lists, and the
+    predicate on them. Consecutive decode steps share a query tile, so its rows are evaluated together once and
+    kept (the latest tile per mask) when that is at most _ROW_PAIRS pairs."""
+    block, n = layout.masks.block, layout.n
+    row = t // block
     cache = layout.decode_rows
     if mask not in cache or cache[mask][0] != row:
-        block, n = layout.masks.block, layout.n
         listed = (layout.natural_classes[mask][row] != tiles.EMPTY).nonzero().flatten()
         candidates = (listed[:, None] * block + torch.arange(block)).flatten()
-        queries = row * block + torch.arange(block)
-        candidates = candidates[candidates <= min(queries[-1], n - 1)]  # causal: no key past the tile's last query
-        allowed = layout.masks.allowed(mask, queries.clamp(max=n - 1)[:, None], candidates[None, :], n,
-                                       layout.random_cpu)
-        cache[mask] = (row, candidates, allowed.expand(block, candidates.numel()))
-    return cache[mask][1], cache[mask][2]
+        last_query = min(row * block + block - 1, n - 1)
+        candidates = candidates[candidates <= last_query]  # causal: no key past the tile's last query
+        allowed = None
+        if candidates.numel() * block <= _ROW_PAIRS:
+            queries = torch.arange(row * block, last_query + 1)
+            allowed = layout.masks.allowed(mask, queries[:, None], candidates[None, :], n, layout.random_cpu)
+            allowed = allowed.expand(queries.numel(), candidates.numel())
+        cache[mask] = (row, candidates, allowed)
+    _, candidates, allowed = cache[mask]
+    if allowed is not None:
+        return candidates, allowed[t - row * block]
+    return candidates, layout.masks.allowed(mask, torch.tensor([t]), candidates, n, layout.random_cpu).reshape(-1)
 
 
 def blocksparse_decode(q_t, k_cache, v_cache, masks, scale, t, max_len):
