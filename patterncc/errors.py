@@ -84,5 +84,11 @@ class PatternWarning(UserWarning):
     """A pattern that compiles but probably does not say what its author meant (e.g. a head with empty rows)."""
 
 
+def check_positive_int(value, what: str) -> None:
+    """A PatternUsageError unless `value` is an int >= 1 (bool is not an int here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PatternUsageError(f"{what} must be a positive integer, got {value!r}")
+
+
 def warn(message: str) -> None:
     warnings.warn(message, PatternWarning, stacklevel=3)

@@ -18,15 +18,14 @@ import torch
 from . import ir
 from .analysis.layout import head_layout
 from .api import parse
-from .errors import PatternUsageError
+from .errors import PatternUsageError, check_positive_int
 from .mask import set_allowed
 from .runtime import tiles
 from .semantics import bind_pattern
 
 
 def _bound(pattern, n: int, params: dict) -> ir.Bound:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise PatternUsageError(f"n must be a positive integer, got {n!r}")
+    """The pattern (a path, its text or a parsed one) bound at n; bind_pattern checks n."""
     if not isinstance(pattern, ir.Pattern):
         pattern = parse(pattern if isinstance(pattern, Path) else str(pattern), **params)
     elif params:
@@ -69,8 +68,7 @@ def to_block_layout(pattern, n: int, block: int = 16, *, layer: int = 0, **param
     block column c. This is the `layout` of DeepSpeed's SparsityConfig.make_layout and of OpenAI's blocksparse
     (one layout per head, query blocks along dim 1); both expect n to be a multiple of `block` (16 by default,
     DeepSpeed's). `pattern`: a .attn path, its text, or a parsed pattern; params override its parameters."""
-    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-        raise PatternUsageError(f"block must be a positive integer, got {block!r}")
+    check_positive_int(block, "block")
     bound = _bound(pattern, n, params)
     heads = _set_heads(bound, layer, "to_block_layout")
     return torch.stack([(_exact_classes(bound, pairs, block) != tiles.EMPTY).to(torch.int64) for pairs in heads])

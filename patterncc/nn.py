@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .api import load
-from .errors import PatternUsageError
+from .errors import PatternUsageError, check_positive_int
+from .families.shared.dropout import check_dropout
 
 
 class SparseSelfAttention(torch.nn.Module):
@@ -26,22 +27,19 @@ class SparseSelfAttention(torch.nn.Module):
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise PatternUsageError(f"{name} must be a positive integer, got {value!r}")
+            check_positive_int(value, name)
         if embed_dim % num_heads:
             raise PatternUsageError(f"embed_dim {embed_dim} is not a multiple of num_heads {num_heads}")
         if num_heads % num_kv_heads:
             raise PatternUsageError(f"num_kv_heads {num_kv_heads} does not divide num_heads {num_heads}")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise PatternUsageError(f"dropout must be a number in [0, 1), got {dropout!r}")
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim = embed_dim // num_heads
         self.attention = load(pattern, pattern=pattern_name, layer=layer, backend=backend, head_dim=self.head_dim,
                               **params)
-        others = sorted(set(self.attention.head_families) - {"set"})
-        if dropout and others:
-            raise PatternUsageError(f"dropout={dropout}: attention dropout is implemented for set heads only, and "
-                                    f"this pattern has {' and '.join(others)} heads")
+        try:
+            check_dropout(dropout, self.attention.head_families, "dropout")
+        except ValueError as err:
+            raise PatternUsageError(str(err)) from None
         self.dropout = float(dropout)
         if num_heads % self.attention.num_heads:
             raise PatternUsageError(

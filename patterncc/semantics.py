@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import ast, ir
-from .errors import PatternSemanticError, PatternUsageError, Span
+from .errors import PatternSemanticError, PatternUsageError, Span, check_positive_int
 
 DEFAULT_BLOCK = 64
 MAX_HEADS = 4096  # per head group and in all: far beyond any model, and small enough to expand into per-head tables
@@ -543,8 +543,7 @@ def _exact(pattern: ir.Pattern, expr: ir.Expr, env: Mapping[str, int], what: str
 
 
 def bind_pattern(pattern: ir.Pattern, n: int) -> ir.Bound:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise PatternUsageError(f"the sequence length n must be a positive integer, got {n!r}")
+    check_positive_int(n, "the sequence length n")
     missing = [p.name for p in pattern.params if p.default is None]
     if missing:
         raise PatternUsageError(f"pattern `{pattern.name}` needs a value for parameter"

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import ir
-from ..errors import PatternUsageError, warn
+from ..errors import PatternUsageError, check_positive_int, warn
 from ..runtime import tiles
 from ..semantics import bind_pattern
 from . import cost as cost_mod
@@ -196,8 +196,7 @@ def analyze(pattern: ir.Pattern, n: int, layer: int = 0, max_steps: int = 8, pro
     the attention path length tried for coverage. Example: `analyze(patterncc.parse("examples/strided.attn"),
     n=4096).coverage["merged"].steps == 2`.
     """
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise PatternUsageError(f"max_steps must be a positive integer, got {max_steps!r}")
+    check_positive_int(max_steps, "max_steps")
     if max_steps > MAX_STEPS:
         raise PatternUsageError(f"max_steps is at most {MAX_STEPS}, got {max_steps}")
     if isinstance(n, int) and not isinstance(n, bool) and n > MAX_N:

@@ -67,16 +67,20 @@ def dropout_offsets(batch, heads, n, head_index, rows, cols):
     return ((b * heads + h) * n + rows.to(torch.int64)) * n + cols.to(torch.int64)
 
 
+def check_dropout(dropout_p, head_families, name="dropout_p"):
+    """A ValueError unless dropout_p is a number in [0, 1) and, when it is not 0, every head is a set head (the
+    only family that implements dropout); `name` is the argument's name in the message."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {dropout_p!r}")
+    others = sorted({family for family in head_families if family != "set"})
+    if dropout_p and others:
+        raise ValueError(f"{name}={dropout_p}: attention dropout is implemented for set heads only, and this "
+                         f"pattern has {' and '.join(others)} heads")
+
+
 def dropout_seed(dropout_p, head_families):
     """The Philox seed of a call with attention dropout, drawn from torch's default generator (so
     torch.manual_seed makes runs reproducible, as for SDPA's dropout) as a 0-d int64 tensor, or None when
-    dropout_p is 0. Only set heads implement dropout: a pattern with other heads is refused."""
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if dropout_p == 0:
-        return None
-    others = sorted({family for family in head_families if family != "set"})
-    if others:
-        raise ValueError(f"dropout_p={dropout_p}: attention dropout is implemented for set heads only, and this "
-                         f"pattern has {' and '.join(others)} heads")
-    return torch.randint(0, 2**62, (), dtype=torch.int64)
+    dropout_p is 0 (check_dropout's errors otherwise)."""
+    check_dropout(dropout_p, head_families)
+    return None if dropout_p == 0 else torch.randint(0, 2**62, (), dtype=torch.int64)
