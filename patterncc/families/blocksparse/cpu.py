@@ -183,12 +183,11 @@ def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv, with_lse=
         for first in range(chunk.start, chunk.stop, step):
             last = min(first + step, chunk.stop)
             tiles_here, local = last - first, slice(first - chunk.start, last - chunk.start)
-            query_slots = torch.arange(first * block, last * block).view(tiles_here, block, 1)
             if chunk.shared:
                 rows = q_tiles[:, :, first:last].reshape(batch, hm, tiles_here * block, dim)
                 scores = torch.matmul(rows, k_chunk.transpose(-1, -2))
                 scores.masked_fill_(chunk.blocked[local].reshape(tiles_here * block, w), float("-inf"))
-                drop = _dropout(dropout, q, heads, plan, query_slots.view(-1, 1), chunk.slots.view(1, -1), n)
+                drop = _dropout(dropout, q, heads, plan, first * block, last * block, chunk.slots.view(1, -1), n)
                 out, lse = _attend(scores, v_chunk, with_lse, drop)
                 outs.append(out.reshape(batch, hm, tiles_here, block, dim))
                 lses.append(lse.reshape(batch, hm, tiles_here, block, 1) if with_lse else None)
@@ -198,7 +197,7 @@ def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv, with_lse=
             v_gathered = vm.index_select(2, idx).reshape(batch, hm, tiles_here, w, dim)
             scores = torch.matmul(q_tiles[:, :, first:last], k_gathered.transpose(-1, -2))
             scores.masked_fill_(chunk.blocked[local], float("-inf"))  # then one fused softmax
-            drop = _dropout(dropout, q, heads, plan, query_slots, chunk.slots[local][:, None, :], n)
+            drop = _dropout(dropout, q, heads, plan, first * block, last * block, chunk.slots[local][:, None, :], n)
             out, lse = _attend(scores, v_gathered, with_lse, drop)
             outs.append(out)
             lses.append(lse)
@@ -215,11 +214,13 @@ def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv, with_lse=
     return (out, lse) if with_lse else out
 
 
-def _dropout(dropout, q, heads, plan, query_slots, key_slots, n):
-    """Dropout's multiplier (1 / (1 - p) kept, 0 dropped) for scores of query slots x key slots (broadcast) of
-    the query heads `heads`, or None: the kernels' Philox numbers at the pairs' original positions."""
+def _dropout(dropout, q, heads, plan, first_slot, stop_slot, key_slots, n):
+    """Dropout's multiplier (1 / (1 - p) kept, 0 dropped) for scores of query slots first_slot..stop_slot - 1 x
+    key slots (shared [1, w], or per tile [tiles, 1, w]) of the query heads `heads`, or None without dropout: the
+    kernels' Philox numbers at the pairs' original positions."""
     if dropout is None:
         return None
+    query_slots = torch.arange(first_slot, stop_slot).view(*key_slots.shape[:-2], -1, 1)
     if PERMUTED_ORDERS and plan.positions is not None:
         query_slots, key_slots = (plan.positions[s.clamp(max=n - 1)] for s in (query_slots, key_slots))
     keep = dropout_keep(dropout, dropout_offsets(q.shape[0], q.shape[1], n, heads, query_slots, key_slots))

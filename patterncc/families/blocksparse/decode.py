@@ -55,13 +55,17 @@ def _row_keys(layout, mask, t):
     return candidates, layout.masks.allowed(mask, torch.tensor([t]), candidates, n, layout.random_cpu).reshape(-1)
 
 
-def blocksparse_decode(q_t, k_cache, v_cache, masks, scale, t, max_len):
+def blocksparse_decode(q_t, k_cache, v_cache, masks, scale, t, max_len, kv_heads=None):
     """Attention of query position t: q_t (batch, heads, head_dim) over the cached keys and values (batch,
-    kv_heads, >= t + 1, head_dim) each head's masks allow; heads a multiple of the masks' head count. Returns
-    (batch, heads, head_dim) in q_t's dtype (0 for a head with no allowed key)."""
+    kv_heads, >= t + 1, head_dim) each head's masks allow; heads a multiple of the masks' head count. kv_heads:
+    the cache's head read by each of q_t's heads (default: grouped-query order, head h reads h // (heads /
+    kv_heads)), so a module passes its whole cache and only the allowed keys are gathered. Returns (batch, heads,
+    head_dim) in q_t's dtype (0 for a head with no allowed key)."""
     num_q_heads = q_t.shape[1]
     q_per_head = num_q_heads // len(masks.head_masks)
-    q_per_kv = num_q_heads // k_cache.shape[1]
+    if kv_heads is None:
+        kv_heads = torch.arange(num_q_heads) // (num_q_heads // k_cache.shape[1])
+    kv_heads = torch.as_tensor(kv_heads, device=q_t.device)
     compute = torch.float32 if q_t.dtype in (torch.float16, torch.bfloat16) else q_t.dtype
     out = torch.zeros(q_t.shape, dtype=compute, device=q_t.device)
     heads_of_masks = {}  # set heads sharing their masks share one key list and one batched product
@@ -72,7 +76,7 @@ def blocksparse_decode(q_t, k_cache, v_cache, masks, scale, t, max_len):
         if keys.numel() == 0:
             continue
         q_index = torch.tensor(q_heads, device=q_t.device)
-        kv_index = q_index // q_per_kv
+        kv_index = kv_heads[q_index]
         # The allowed keys first (a few), then the heads: never a copy of the whole cache.
         k = k_cache.index_select(2, keys).index_select(1, kv_index).to(compute)  # [batch, heads, keys, d]
         v = v_cache.index_select(2, keys).index_select(1, kv_index).to(compute)

@@ -4,11 +4,10 @@
 pattern, or `dense_block_masks` of boolean masks) on the Triton kernels or the torch CPU path.
 """
 
-import math
 
 import torch
 
-from ..shared.heads import check_attention_inputs, empty_batch_output
+from ..shared.heads import attention_scale, check_attention_inputs, empty_batch_output
 from ..shared.launch import (
     AOT_DTYPES,
     TRITON_HEAD_DIMS,
@@ -174,7 +173,7 @@ def blocksparse_attention(q, k, v, masks, scale=None, backend="auto", check=True
         check_attention_inputs(q, k, v, len(masks.head_masks), backend, TRITON_HEAD_DIMS)
     if q.shape[0] == 0:
         return empty_batch_output(q, k, v)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scale = attention_scale(q, scale)
     if uses_triton(q, backend):
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         return _BlocksparseTritonAttention.apply(q, k, v, scale, masks.layout(q.shape[2], q.device), dropout)

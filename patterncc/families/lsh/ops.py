@@ -21,12 +21,11 @@ Memory beyond q, k, v: O(n * R) int32 (permutations, their inverses, buckets, wi
 float32 per-round outputs; never an n x n tensor (the CPU path holds O(n * c * R) scores).
 """
 
-import math
 from typing import NamedTuple
 
 import torch
 
-from ..shared.heads import empty_batch_output, heads_of, per_q_head
+from ..shared.heads import attention_scale, empty_batch_output, heads_of, per_q_head
 from ..shared.launch import (
     AOT_DTYPES,
     TRITON_HEAD_DIMS,
@@ -249,8 +248,7 @@ def lsh_attention(q, k, v, rotations, chunk, causal, shared_qk, scale=None, back
     _lsh_check(q, k, v, rotations, chunk, shared_qk, backend)
     if q.shape[0] == 0:
         return empty_batch_output(q, q if shared_qk else k, v)
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = attention_scale(q, scale)
     with torch.no_grad():
         plan = _lsh_plan(q, k, rotations, chunk, shared_qk)
     if uses_triton(q, backend):

@@ -4,17 +4,30 @@ Pattern heads are repeated contiguously over q's heads: with `num_heads` pattern
 head x belongs to pattern head x // (H / num_heads). Grouped-query attention: kv head x // (H / H_kv).
 """
 
+import math
+
 import torch
 
 from .launch import check_4d, check_backend, check_triton_inputs, uses_triton
 
 
+def query_heads(heads, num_heads, q_heads):
+    """The query heads of pattern heads `heads`, in order: with q_heads query heads, pattern head x serves
+    q_heads / num_heads consecutive ones."""
+    repeat = q_heads // num_heads
+    return [head * repeat + r for head in heads for r in range(repeat)]
+
+
+def attention_scale(q, scale):
+    """The softmax scale of a call: `scale` as a float, or 1/sqrt(head_dim) when None."""
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
 def heads_of(q, k, v, heads, num_heads, expand_kv):
     """q, k, v restricted to the pattern heads `heads` (views where the heads are contiguous). expand_kv: k and
     v get one head per q head (families whose kernels take no grouped-query attention)."""
-    repeat = q.shape[1] // num_heads
     q_per_kv = q.shape[1] // k.shape[1]
-    q_index = [head * repeat + r for head in heads for r in range(repeat)]
+    q_index = query_heads(heads, num_heads, q.shape[1])
     first, last = q_index[0], q_index[-1] + 1
     contiguous = q_index == list(range(first, last))
     q_part = q[:, first:last] if contiguous else q[:, q_index]
@@ -33,8 +46,7 @@ def per_q_head(buffer, q, num_heads):
 
 def assemble_heads(pieces, q, num_heads):
     """The families' outputs [(pattern heads, output)], put back in q's head order."""
-    repeat = q.shape[1] // num_heads
-    order = [head * repeat + r for heads, _ in pieces for head in heads for r in range(repeat)]
+    order = query_heads([head for heads, _ in pieces for head in heads], num_heads, q.shape[1])
     out = torch.cat([part for _, part in pieces], dim=1) if len(pieces) > 1 else pieces[0][1]
     if order == sorted(order):
         return out
