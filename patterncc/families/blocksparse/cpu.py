@@ -174,44 +174,70 @@ def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv, with_lse=
         qm, km, vm = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (qm, km, vm))
     hm = len(heads)
     q_tiles = qm.reshape(batch, hm, t, block, dim)
-    outs, lses = [], []
-    for chunk in plan.chunks:
-        w = chunk.blocked.shape[-1]
-        step = max(1, min(chunk.stop - chunk.start, _SCORES_PER_STEP // (batch * hm * block * w)))
-        if chunk.shared:
-            k_chunk, v_chunk = km.index_select(2, chunk.slots), vm.index_select(2, chunk.slots)  # [b, h, w, d]
-        for first in range(chunk.start, chunk.stop, step):
-            last = min(first + step, chunk.stop)
-            tiles_here, local = last - first, slice(first - chunk.start, last - chunk.start)
-            if chunk.shared:
-                rows = q_tiles[:, :, first:last].reshape(batch, hm, tiles_here * block, dim)
-                scores = torch.matmul(rows, k_chunk.transpose(-1, -2))
-                scores.masked_fill_(chunk.blocked[local].reshape(tiles_here * block, w), float("-inf"))
-                drop = _dropout(dropout, q, heads, plan, first * block, last * block, chunk.slots.view(1, -1), n)
-                out, lse = _attend(scores, v_chunk, with_lse, drop)
-                outs.append(out.reshape(batch, hm, tiles_here, block, dim))
-                lses.append(lse.reshape(batch, hm, tiles_here, block, 1) if with_lse else None)
-                continue
-            idx = chunk.slots[local].reshape(-1)
-            k_gathered = km.index_select(2, idx).reshape(batch, hm, tiles_here, w, dim)
-            v_gathered = vm.index_select(2, idx).reshape(batch, hm, tiles_here, w, dim)
-            scores = torch.matmul(q_tiles[:, :, first:last], k_gathered.transpose(-1, -2))
-            scores.masked_fill_(chunk.blocked[local], float("-inf"))  # then one fused softmax
-            drop = _dropout(dropout, q, heads, plan, first * block, last * block, chunk.slots[local][:, None, :], n)
-            out, lse = _attend(scores, v_gathered, with_lse, drop)
-            outs.append(out)
-            lses.append(lse)
-    out = torch.cat(outs, dim=2) * plan.has_keys.to(q.dtype)  # rows with no allowed key: 0, with gradient 0
+
+    def keys(slots):
+        return tuple(x.index_select(2, slots.reshape(-1)).reshape(batch, hm, *slots.shape, dim) for x in (km, vm))
+
+    def drop(first, last, key_slots):
+        return _dropout(dropout, q, heads, plan, first * block, last * block, key_slots, n)
+
+    pieces = attend_tiles(plan, [(0, t)], lambda first, last: q_tiles[:, :, first:last], keys, batch * hm, block,
+                          with_lse, drop if dropout is not None else None)
+    out = torch.cat([out for _, _, out, _ in pieces], dim=2) * plan.has_keys.to(q.dtype)  # no key: 0, gradient 0
     out = out.reshape(batch, hm, t * block, dim)[:, :, :n]
     if with_lse:
-        lse = torch.cat(lses, dim=2).masked_fill(plan.has_keys == 0, float("-inf")).reshape(batch, hm, t * block)
-        lse = lse[:, :, :n]
+        lse = torch.cat([lse for _, _, _, lse in pieces], dim=2).masked_fill(plan.has_keys == 0, float("-inf"))
+        lse = lse.reshape(batch, hm, t * block)[:, :, :n]
     if PERMUTED_ORDERS and plan.positions is not None:
         unpermute = torch.argsort(plan.positions)
         out = out[:, :, unpermute]
         if with_lse:
             lse = lse[:, :, unpermute]
     return (out, lse) if with_lse else out
+
+
+def attend_tiles(plan, ranges, queries, keys, batch_heads, block, with_lse, drop=None):
+    """The masked softmax attention of a CpuPlan's query tiles in `ranges` ([(first, last)], ascending, disjoint):
+    [(first, last, out [batch, heads, tiles, block, d], lse [batch, heads, tiles, block, 1] or None)] in tile order.
+    queries(first, last) -> the scaled query rows [batch, heads, last - first, block, d] of those tiles (in the
+    plan's order); keys(slots) -> (k, v) [batch, heads, *slots.shape, d] of the plan's key slots (an int64
+    tensor); batch_heads: batch x heads (bounds the scores of one step); drop(first, last, key_slots) -> dropout's
+    multiplier, or drop None. Rows with no allowed key come out of one dummy key; callers zero them with
+    plan.has_keys. The single-process CPU path and context parallel (patterncc.distributed, whose keys come from
+    several ranks) share this loop."""
+    pieces = []
+    for chunk in plan.chunks:
+        w = chunk.blocked.shape[-1]
+        k_chunk = None
+        for lo, hi in ranges:
+            lo, hi = max(lo, chunk.start), min(hi, chunk.stop)
+            if lo >= hi:
+                continue
+            if chunk.shared and k_chunk is None:
+                k_chunk, v_chunk = keys(chunk.slots)  # [b, h, w, d]
+            step = max(1, _SCORES_PER_STEP // (batch_heads * block * w))
+            for first in range(lo, hi, step):
+                last = min(first + step, hi)
+                pieces.append((first, last, *_attend_chunk(chunk, queries(first, last), first, last, k_chunk,
+                                                            v_chunk if chunk.shared else None, keys, with_lse, drop)))
+    return pieces
+
+
+def _attend_chunk(chunk, rows, first, last, k_chunk, v_chunk, keys, with_lse, drop):
+    """(out, lse) of query tiles first..last - 1 of `chunk`, rows [batch, heads, tiles, block, d]."""
+    batch, hm, tiles_here, block, dim = rows.shape
+    local = slice(first - chunk.start, last - chunk.start)
+    w = chunk.blocked.shape[-1]
+    if chunk.shared:
+        scores = torch.matmul(rows.reshape(batch, hm, tiles_here * block, dim), k_chunk.transpose(-1, -2))
+        scores.masked_fill_(chunk.blocked[local].reshape(tiles_here * block, w), float("-inf"))
+        out, lse = _attend(scores, v_chunk, with_lse, drop(first, last, chunk.slots.view(1, -1)) if drop else None)
+        return (out.reshape(batch, hm, tiles_here, block, dim),
+                lse.reshape(batch, hm, tiles_here, block, 1) if with_lse else None)
+    k_gathered, v_gathered = keys(chunk.slots[local])  # [b, h, tiles, w, d]
+    scores = torch.matmul(rows, k_gathered.transpose(-1, -2))
+    scores.masked_fill_(chunk.blocked[local], float("-inf"))  # then one fused softmax
+    return _attend(scores, v_gathered, with_lse, drop(first, last, chunk.slots[local][:, None, :]) if drop else None)
 
 
 def _dropout(dropout, q, heads, plan, first_slot, stop_slot, key_slots, n):
@@ -261,19 +287,28 @@ def blocksparse_attention_torch(q, k, v, masks, scale, dropout=None):
     n, head_dim), heads a multiple of the masks' head count; k, v with heads dividing q's. A head split into
     parts attends over each and combines them by log-sum-exp. dropout: a Dropout or None (the same pairs as the
     kernels drop)."""
-    n = q.shape[2]
-    layout = masks.layout(n, "cpu")
-    num_q_heads, q_per_kv = q.shape[1], q.shape[1] // k.shape[1]
-    q_per_head = num_q_heads // len(masks.head_masks)
+    layout = masks.layout(q.shape[2], "cpu")
+    q_per_kv = q.shape[1] // k.shape[1]
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
+
+    def attend_mask(mask, heads, with_lse):
+        return _cpu_attention_mask(qc, kc, vc, scale, layout, mask, heads, q_per_kv, with_lse, dropout)
+
+    return attend_mask_heads(masks, q.shape[1], attend_mask).to(q.dtype)
+
+
+def attend_mask_heads(masks, num_q_heads, attend_mask):
+    """Every query head's output [batch, heads, rows, d] from per-mask attention: attend_mask(mask, query heads,
+    with_lse) -> out [batch, len(heads), rows, d] (with its LSE per row when with_lse). A head split into parts
+    combines its parts by log-sum-exp."""
+    q_per_head = num_q_heads // len(masks.head_masks)
     by_mask = {}
     for head in range(num_q_heads):
         for mask in masks.head_masks[head // q_per_head]:
             by_mask.setdefault(mask, []).append(head)
     split = masks.num_parts > 1
-    results = {mask: _cpu_attention_mask(qc, kc, vc, scale, layout, mask, heads, q_per_kv, split, dropout)
-               for mask, heads in by_mask.items()}
+    results = {mask: attend_mask(mask, heads, split) for mask, heads in by_mask.items()}
     per_head = []
     for head in range(num_q_heads):
         shares = [(results[mask], by_mask[mask].index(head)) for mask in masks.head_masks[head // q_per_head]]
@@ -282,4 +317,4 @@ def blocksparse_attention_torch(q, k, v, masks, scale, dropout=None):
         else:
             (out, slot), = shares
             per_head.append(out[:, slot])
-    return torch.stack(per_head, dim=1).to(q.dtype)
+    return torch.stack(per_head, dim=1)

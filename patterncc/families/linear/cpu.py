@@ -23,9 +23,11 @@ def linear_phi(x, feature_map, projection):
     return phi, (top - half_sq).detach()[..., 0]
 
 
-def linear_attention_torch(q, k, v, feature_map, eps, causal, projection):
+def linear_attention_torch(q, k, v, feature_map, eps, causal, projection, initial=None):
     """The CPU path: the chunked algorithm in torch ops, O(n d F) work and O(n d) memory, autograd for the
-    backward pass."""
+    backward pass. initial (causal only): the state of keys before position 0, (sum of phi(k) v^T [batch, heads,
+    F, d], sum of phi(k) [batch, heads, F], for favor the largest key exponent m [batch, heads] they are relative
+    to (their sums weighted by exp(r - m)), else None); context parallel passes the earlier ranks' keys so."""
     batch, heads, n, dim = q.shape
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
@@ -56,7 +58,8 @@ def linear_attention_torch(q, k, v, feature_map, eps, causal, projection):
         r = r.reshape(batch, heads, chunks, chunk)
         within = torch.cummax(r, dim=-1).values
         top = within[..., -1]  # [batch, heads, chunks]: each chunk's largest key exponent
-        before = torch.cat([torch.full_like(top[..., :1], float("-inf")), torch.cummax(top, -1).values[..., :-1]], -1)
+        m = torch.full_like(top[..., 0], float("-inf")) if initial is None else initial[2]
+        before = torch.cat([m[..., None], torch.cummax(torch.maximum(top, m[..., None]), -1).values[..., :-1]], -1)
         seen = torch.maximum(before[..., None], within)  # M_i: the largest exponent among keys j <= i
         scores = scores * torch.exp(torch.where(lower, r[..., None, :] - seen[..., :, None], float("-inf")))
         inter = torch.exp(before[..., None] - seen)[..., None]  # [batch, heads, chunks, chunk, 1]
@@ -66,9 +69,8 @@ def linear_attention_torch(q, k, v, feature_map, eps, causal, projection):
         # States before each chunk, relative to `before`: a sequential scan, since the reference maximum
         # changes from chunk to chunk (n / chunk small steps).
         states, sums = [], []
-        s = own_s.new_zeros(batch, heads, feats, dim)
-        z = own_z.new_zeros(batch, heads, feats)
-        m = torch.full_like(top[..., 0], float("-inf"))
+        s = own_s.new_zeros(batch, heads, feats, dim) if initial is None else initial[0]
+        z = own_z.new_zeros(batch, heads, feats) if initial is None else initial[1]
         for c in range(chunks):
             states.append(s)
             sums.append(z)
@@ -85,6 +87,8 @@ def linear_attention_torch(q, k, v, feature_map, eps, causal, projection):
         own_z = phi_k.sum(-2)
         s_prev = torch.cat([torch.zeros_like(own_s[:, :, :1]), own_s.cumsum(2)[:, :, :-1]], 2)
         z_prev = torch.cat([torch.zeros_like(own_z[:, :, :1]), own_z.cumsum(2)[:, :, :-1]], 2)
+        if initial is not None:
+            s_prev, z_prev = s_prev + initial[0][:, :, None], z_prev + initial[1][:, :, None]
     num = torch.matmul(scores, vc) + inter * torch.matmul(phi_q, s_prev)
     den = scores.sum(-1, keepdim=True) + inter * torch.matmul(phi_q, z_prev[..., None])
     # Padding rows are cut before dividing: their 0 / (0 + eps) would give NaN gradients when eps = 0.
