@@ -131,7 +131,9 @@ def load_module(text_or_path, pattern: str | None = None, layer: int = 0, **para
     if cached is None or os.environ.get(driver.DUMP_ENV):
         compiled = driver.compile_pattern(ir_pattern, layer=layer, params=params)
         if cached is None:
-            if path.exists():
+            # Another process (a torchrun rank) may have written it meanwhile: only a file that fails its seal now
+            # is damaged.
+            if path.exists() and read_sealed(path) is None:
                 warnings.warn(f"patterncc: the cached module {path} is damaged (its seal does not match); "
                               f"regenerating it", RuntimeWarning, stacklevel=2)
             write_atomically(path, seal(compiled.source))

@@ -94,6 +94,31 @@ def test_a_damaged_cached_module_is_regenerated(tmp_path, monkeypatch, damage):
     torch.testing.assert_close(again(q, q, q), first(q, q, q))
 
 
+def test_a_module_cached_by_another_process_meanwhile_is_not_called_damaged(tmp_path, monkeypatch):
+    """Ranks of one job load the same pattern at once: each compiles it, and finds the file another wrote."""
+    from patterncc import driver
+    from patterncc.cache import seal, write_atomically
+
+    monkeypatch.setenv("PATTERNCC_CACHE_DIR", str(tmp_path))
+    compile_pattern = driver.compile_pattern
+
+    def compiled_while_another_process_writes(pattern, **kwargs):
+        compiled = compile_pattern(pattern, **kwargs)
+        key = driver.identity_key(pattern, driver.Options.make(0, params={}))
+        written.append(tmp_path / key / "race.py")
+        write_atomically(written[-1], seal(compiled.source))
+        return compiled
+
+    written = []
+    monkeypatch.setattr(driver, "compile_pattern", compiled_while_another_process_writes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attn = patterncc.load("pattern race() { head a = local(2) }")
+    assert [p.exists() for p in written] == [True]  # the other process's file was there when load wrote its own
+    q = torch.randn(1, 1, 10, 16)
+    assert attn(q, q, q).shape == q.shape
+
+
 def test_an_unusable_cache_folder_falls_back_with_a_warning(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
