@@ -104,3 +104,18 @@ def test_plan_errors_name_what_to_change():
         shard.positions(2)
     with pytest.raises(patterncc.PatternUsageError, match="planned for pattern key"):
         cp.ShardedAttention(load("examples/strided.attn", {"l": 8}), shard=shard)
+
+
+def test_the_torchrun_example_runs_and_matches_one_process():
+    """examples/context_parallel.py under torchrun (2 CPU processes, a short sequence)."""
+    import re
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                             str(ROOT / "examples" / "context_parallel.py"), "--seq-len", "1024", "--steps", "1",
+                             "--check"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = [float(e) for e in re.findall(r"max \|out - one process\| (\S+)", result.stdout)]
+    assert len(errors) == 2 and max(errors) < 1e-5, result.stdout
+    assert "zigzag ownership" in result.stdout
