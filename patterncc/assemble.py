@@ -48,6 +48,7 @@ LIBRARY = (
     LibrarySource("families/lsh/kernels.py", needs_triton=True),
     LibrarySource("families/lsh/cpu.py"),
     LibrarySource("families/lsh/ops.py"),
+    LibrarySource("families/lsh/decode.py"),
     LibrarySource("families/linear/kernels.py", needs_triton=True),
     LibrarySource("families/linear/cpu.py"),
     LibrarySource("families/linear/ops.py"),

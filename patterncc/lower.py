@@ -421,8 +421,8 @@ def render(kernel_plan: KernelPlan, key: str) -> str:
         permuted_masks=[m for m in masks if m["plan"].period],
         buffer_names=tuple(buffer_names), has_favor=bool(favor),
         can_step=kernel_plan.families == ("kernel",) and kernel_plan.causal,
-        # KV-cache generation (prefill/decode): causal set and kernel heads (hashed heads: not yet).
-        can_decode=kernel_plan.causal and not kernel_plan.hashed_calls,
+        # KV-cache generation (prefill/decode): every family of a causal pattern.
+        can_decode=kernel_plan.causal,
         head_summary=_head_summary(kernel_plan), version=__version__, torch_version=torch.__version__,
         triton_version=triton_version, source_lines=format_pattern(pattern).splitlines(),
         filename=repr(str(pattern.filename)),

@@ -53,6 +53,33 @@ def test_prefill_then_decode_equals_the_causal_forward(name, prompt):
     torch.testing.assert_close(_decode_all(attn, q, k, v, prompt), attn(q, k, v), rtol=1e-10, atol=1e-10)
 
 
+HASHED_CASES = {
+    "reformer": (EXAMPLES_DIR / "reformer.attn", dict(buckets=4, rounds=3, heads=2)),
+    # separate query/key hashing, mixed with set and kernel heads in one module
+    "mixed": ("pattern p() { causal block 16 head a = hashed(buckets = 4, rounds = 2, chunk = 4, shared_qk = false, "
+              "seed = 3) head b = local(3) | stride(7) head c = kernel(elu1) }", {}),
+}
+
+
+@pytest.mark.parametrize("prompt", [0, 1, 16, 37])
+@pytest.mark.parametrize("name", sorted(HASHED_CASES))
+def test_hashed_heads_decode_the_last_row_of_the_forward_so_far(name, prompt):
+    """Buckets depend on every position, so a decoded position t equals row t of the forward over positions 0..t
+    and the prefill equals the forward over the prompt (set and kernel heads: the forward over the whole
+    sequence, which is the same at these rows)."""
+    source, params = HASHED_CASES[name]
+    attn = patterncc.load(source, **params)
+    heads = attn.num_heads * 2
+    q, k, v, _ = make_inputs(2, heads, heads // 2, 60, 16, torch.float64)
+    out = _decode_all(attn, q, k, v, prompt)
+    if prompt:
+        torch.testing.assert_close(out[:, :, :prompt], attn(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt]),
+                                   rtol=1e-10, atol=1e-10)
+    for t in range(prompt, 60):
+        expected = attn(q[:, :, :t + 1], k[:, :, :t + 1], v[:, :, :t + 1])[:, :, t]
+        torch.testing.assert_close(out[:, :, t], expected, rtol=1e-10, atol=1e-10, msg=f"position {t}")
+
+
 @pytest.mark.parametrize("name", ["strided", "hybrid"])
 def test_prefill_runs_the_kernels(tmp_path, name):
     """The prompt runs through the Triton kernels (interpreter), the decode steps through the torch path."""
@@ -106,5 +133,5 @@ def test_cache_errors_name_both_numbers():
         attn.prefill(q, k, v, cache)
     with pytest.raises(ValueError, match="needs a causal pattern"):
         patterncc.load(EXAMPLES_DIR / "bigbird.attn").new_cache(1, 4, 16, 64)
-    with pytest.raises(ValueError, match="not implemented for hashed heads"):
-        patterncc.load(EXAMPLES_DIR / "reformer.attn").new_cache(1, 8, 16, 64)
+    with pytest.raises(ValueError, match="needs a causal pattern"):
+        patterncc.load("pattern p() { head a = hashed(buckets = 4, rounds = 1, chunk = 4) }").new_cache(1, 1, 16, 8)

@@ -1,10 +1,12 @@
 """Generation with a KV cache: what a module keeps between calls, and writing into it.
 
 `DecodeCache` holds the keys and values of the positions seen so far, (batch, kv_heads, max_len, head_dim), how
-many there are, and the recurrent state of kernel heads. A module's `prefill(q, k, v, cache)` runs a prompt and
-fills it; `decode(q_t, k_t, v_t, cache)` runs the next position(s) against it. Both equal the causal forward over
-the whole sequence at those positions, with the pattern evaluated at the cache's length `max_len` (a pattern
-whose parameters depend on n sees the sequence it will generate, not the part generated so far).
+many there are, the recurrent state of kernel heads and the buckets of hashed heads. A module's `prefill(q, k, v,
+cache)` runs a prompt and fills it; `decode(q_t, k_t, v_t, cache)` runs the next position(s) against it. Set and
+kernel heads equal the causal forward over the whole sequence at those positions, with the pattern evaluated at
+the cache's length `max_len` (a pattern whose parameters depend on n sees the sequence it will generate, not the
+part generated so far). Hashed heads' buckets depend on every position, so a prefill equals their forward over
+the prompt and a decoded position t the last row of their forward over positions 0..t (families/lsh/decode.py).
 """
 
 import torch
@@ -22,6 +24,7 @@ class DecodeCache:
         self.length = 0
         self.max_len = max_len
         self.linear_state = None  # per kernel call, made at the first call (it has one state per query head)
+        self.lsh_states = None  # per hashed call: its positions' buckets and keys, made at the first write
 
     def __repr__(self):
         batch, kv_heads, max_len, head_dim = self.k.shape
