@@ -24,6 +24,7 @@ PATTERNS = {
     "fixed(l=128,c=16)": ("fixed.attn", {"l": 128, "c": 16}),
     "local(256)": ("local.attn", {"w": 256}),
     "linear": ("linear.attn", {"heads": 4}),
+    "reformer": ("reformer.attn", {"heads": 4}),
 }
 
 

@@ -207,6 +207,15 @@ def assemble(roots: set[str], hooks: frozenset[str] = HOOKS, constants: dict[str
 
 
 def _specialized(definition: Definition, constants: dict[str, tuple], values: dict[str, tuple]) -> Definition:
+    # Only the constants and values the definition reads or binds matter: memoized on those (every module of a
+    # session, and every test, specializes the same library definitions for a few settings).
+    return _specialized_cached(definition, tuple(sorted((k, v) for k, v in constants.items() if k in definition.reads)),
+                               tuple(sorted((k, v) for k, v in values.items() if k in definition.binds)))
+
+
+@cache
+def _specialized_cached(definition: Definition, constants_items: tuple, values_items: tuple) -> Definition:
+    constants, values = dict(constants_items), dict(values_items)
     narrowed = definition.binds & set(values)
     if narrowed:
         (name,) = narrowed

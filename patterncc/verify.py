@@ -75,6 +75,21 @@ def _global_reads(table: symtable.SymbolTable) -> set[str]:
     return reads
 
 
+def _imported_names(body: list[ast.stmt]) -> set[str]:
+    """Names bound by module-level imports, inside top-level `if`/`try` blocks included (generated modules import
+    nothing elsewhere; walking only these statements, not the whole tree, keeps verification fast)."""
+    names: set[str] = set()
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update(alias.asname or alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.If):
+            names |= _imported_names(node.body + node.orelse)
+        elif isinstance(node, ast.Try):
+            names |= _imported_names(node.body + node.orelse + node.finalbody
+                                     + [stmt for handler in node.handlers for stmt in handler.body])
+    return names
+
+
 def _all_names(tree: ast.Module) -> list[str] | None:
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
@@ -104,8 +119,7 @@ def verify_module(source: str, *, filename: str = "<generated>") -> None:
         for name in public:
             if name not in first_line:
                 problems.append(f"`{name}` is in __all__ but never defined")
-        imported = {alias.asname or alias.name.split(".")[0] for node in ast.walk(tree)
-                    if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+        imported = _imported_names(tree.body)
         for name in sorted(set(first_line) - reads - set(public) - imported - _MODULE_ATTRIBUTES):
             problems.append(f"`{name}` (line {first_line[name]}) is defined but never used")
     if problems:
