@@ -6,7 +6,8 @@ sequence can change when later positions arrive (a later position in a smaller b
 step can equal is the forward over the positions so far: at position t, in each round, t is the last query of
 its bucket b in the (bucket, position) order, at slot (positions with a smaller bucket) + (positions up to t in
 b) - 1; a key j of bucket b sits at slot (keys with a smaller bucket) + (keys of b before j); the window, the
-count of rounds, the self rule and the combination of rounds are the forward's. O(rounds x t) per step.
+count of rounds, the self rule and the combination of rounds are the forward's. A step compares buckets in
+O(rounds x t) integer operations and scores only the keys in its windows (at most rounds x 2 x chunk).
 """
 
 import torch
@@ -38,33 +39,47 @@ def lsh_decode_write(state, q, k, rotations, shared_qk, start):
         state.keys[:, :, start:stop] = k.to(state.keys.dtype)
 
 
-def lsh_decode_row(q_t, values, state, t, chunk, shared_qk, scale):
-    """Row t of causal LSH attention over positions 0..t: q_t (batch, heads, head_dim), values (batch, heads, >t,
-    head_dim) -> (batch, heads, head_dim) in q_t's dtype. Position t must be written (lsh_decode_write)."""
+def lsh_decode_row(q_t, cache_v, kv_heads, state, t, chunk, shared_qk, scale):
+    """Row t of causal LSH attention over positions 0..t: q_t (batch, heads, head_dim), the values of the cache
+    cache_v (batch, kv_heads, max_len, head_dim), kv_heads[h] the cache head of head h -> (batch, heads, head_dim)
+    in q_t's dtype. Position t must be written (lsh_decode_write)."""
     bucket_q, bucket_k = state.bucket_q[..., :t + 1], state.bucket_k[..., :t + 1]  # [B, H, R, t + 1]
     bucket = bucket_q[..., t:]  # t's bucket per round [B, H, R, 1]
     query_chunk = ((bucket_q < bucket).sum(-1, keepdim=True) + (bucket_q == bucket).sum(-1, keepdim=True) - 1) // chunk
     same = bucket_k == bucket
     key_chunk = ((bucket_k < bucket).sum(-1, keepdim=True) + same.cumsum(-1) - 1) // chunk
     window = same & ((key_chunk == query_chunk) | (key_chunk == query_chunk - 1))  # [B, H, R, t + 1]
-    allowed = window.clone()
-    if shared_qk:
-        allowed[..., t] = False  # the self rule
-    keys = state.keys[:, :, :t + 1]
+    # Only keys in some round's window are scored: at most rounds x 2 x chunk of them, compacted per (batch, head)
+    # in position order (slot `width` collects the rest and is dropped).
+    in_some = window.any(2)  # [B, H, t + 1]
+    counts = in_some.sum(-1, keepdim=True)
+    width = max(1, int(counts.max()))
+    positions = torch.arange(t + 1, device=q_t.device).expand_as(in_some)
+    slot = torch.where(in_some, in_some.cumsum(-1) - 1, width)
+    index = torch.zeros(*in_some.shape[:2], width + 1, dtype=torch.int64, device=q_t.device)
+    index = index.scatter_(2, slot, positions)[..., :width]  # [B, H, width]
+    valid = torch.arange(width, device=q_t.device) < counts
+    window = window.gather(3, index[:, :, None].expand(-1, -1, window.shape[2], -1)) & valid[:, :, None]
+    allowed = window & (index != t)[:, :, None] if shared_qk else window  # shared_qk: the self rule
+    keys = state.keys.gather(2, index[..., None].expand(-1, -1, -1, state.keys.shape[-1]))
     scores = torch.einsum("bhd,bhjd->bhj", q_t.to(keys.dtype), keys) * scale
     scores = scores - torch.log(window.sum(2).to(scores.dtype).clamp(min=1.0))  # rounds holding j, counted once
-    masked = torch.where(allowed, scores[:, :, None], float("-inf"))  # [B, H, R, t + 1]
+    masked = torch.where(allowed, scores[:, :, None], float("-inf"))  # [B, H, R, width]
     has_round = allowed.any(-1, keepdim=True)
     lse = torch.where(has_round, torch.logsumexp(torch.where(has_round, masked, 0.0), -1, keepdim=True),
                       float("-inf"))  # per round, -inf with no key that round
     probabilities = torch.where(allowed, torch.exp(masked - torch.where(has_round, lse, 0.0)), 0.0)
-    out_r = torch.einsum("bhrj,bhjd->bhrd", probabilities, values[:, :, :t + 1].to(keys.dtype))
+    batch, cache_heads, max_len, dim = cache_v.shape
+    kv_index = torch.tensor(kv_heads, device=q_t.device)
+    rows = (torch.arange(batch, device=q_t.device)[:, None, None] * cache_heads + kv_index[None, :, None]) * max_len
+    window_values = cache_v.reshape(-1, dim)[rows + index].to(keys.dtype)  # [B, H, width, D], no copy of the cache
+    out_r = torch.einsum("bhrj,bhjd->bhrd", probabilities, window_values)
     top = lse.amax(2)  # [B, H, 1]
     has_keys = top > float("-inf")
     weights = torch.exp(lse - torch.where(has_keys, top, 0.0)[:, :, None])  # [B, H, R, 1]
     out = (weights * out_r).sum(2) / torch.where(has_keys, weights.sum(2), 1.0)
     # No key in any round: v_t with shared_qk (the self rule's fallback), else 0.
-    out = torch.where(has_keys, out, values[:, :, t].to(out.dtype) if shared_qk else 0.0)
+    out = torch.where(has_keys, out, cache_v[:, kv_index, t].to(out.dtype) if shared_qk else 0.0)
     return out.to(q_t.dtype)
 
 
@@ -89,7 +104,6 @@ def lsh_heads_decode_pieces(q_t, cache, calls, num_heads, scale, t):
     for call, state in zip(calls, cache.lsh_states):
         heads = query_heads(call.heads, num_heads, q_t.shape[1])
         kv_heads = [head // (q_t.shape[1] // cache.v.shape[1]) for head in heads]
-        out = lsh_decode_row(q_t[:, heads, 0], cache.v[:, kv_heads, :t + 1], state, t, call.chunk, call.shared_qk,
-                             scale)
+        out = lsh_decode_row(q_t[:, heads, 0], cache.v, kv_heads, state, t, call.chunk, call.shared_qk, scale)
         pieces.append((call.heads, out[:, :, None]))
     return pieces
