@@ -62,7 +62,7 @@ class ShardedAttention(torch.nn.Module):
         self.bytes_received = 0
         self._synced_buffers = False
         self._exchanges = {}  # (rank, q heads, kv heads) -> the set heads' exchange plan
-        self._slot_maps = {}  # (rank, mask) -> (slot -> local row, owned tile ranges)
+        self._rank_plans = {}  # (rank, mask) -> this rank's share of the mask's CPU plan
 
     def forward(self, q, k, v, *, scale=None):
         g = self.generated
@@ -165,38 +165,63 @@ class ShardedAttention(torch.nn.Module):
 
         return attend_mask_heads(masks, q.shape[1], attend_mask).to(q.dtype)
 
-    def _slot_map(self, layout, plan, mask, rank, device):
-        """(the local row of each query slot of the plan's order, this rank's length where it owns none; the
-        query tile ranges holding its rows)."""
+    def _rank_plan(self, layout, plan, mask, rank, device):
+        """This rank's share of the mask's CPU plan: its chunks keep only the query rows the rank owns (a tile of a
+        grid-transposed order may hold a few owned rows: the rest are not computed), padded per chunk to the most
+        rows a tile keeps. Returns (chunks, query slot of each kept row [tiles, rows] (-1 padding), owned tile
+        ranges, original position per slot)."""
         key = (rank, mask)
-        if key not in self._slot_maps:
-            shard = self.shard
-            pos, real = tiles.slot_positions(plan.positions, shard.n, layout.num_tiles, layout.masks.block)
-            owned = real & (shard.owner[pos.clamp(max=shard.n - 1)] == rank)
-            local_row = torch.where(owned, shard.local_index[pos.clamp(max=shard.n - 1)], shard.shard_length(rank))
-            owned_tiles = torch.nonzero(owned.view(-1, layout.masks.block).any(1))[:, 0].tolist()
+        if key not in self._rank_plans:
+            shard, block = self.shard, layout.masks.block
+            pos, real = tiles.slot_positions(plan.positions, shard.n, layout.num_tiles, block)
+            pos = pos.clamp(max=shard.n - 1)
+            owned = (real & (shard.owner[pos] == rank)).view(-1, block)  # [tiles, block]
+            chunks, kept_slots = [], []
+            for chunk in plan.chunks:
+                mine = owned[chunk.start:chunk.stop]
+                width = max(1, int(mine.sum(1).max()))
+                # Owned rows first (a stable sort keeps their order), then padding rows, cut to `width`.
+                offsets = torch.argsort((~mine).to(torch.int8), dim=1, stable=True)[:, :width]
+                valid = mine.gather(1, offsets)
+                blocked = chunk.blocked.gather(1, offsets[..., None].expand(-1, -1, chunk.blocked.shape[-1]))
+                blocked[~valid] = True
+                blocked[..., 0] &= valid  # a padding row softmaxes over one dummy key (dropped), never none
+                keeps = plan.has_keys[chunk.start:chunk.stop, :, 0].to(torch.bool).gather(1, offsets) & valid
+                slots = (torch.arange(chunk.start, chunk.stop)[:, None] * block + offsets).masked_fill(~keeps, -1)
+                chunks.append(chunk._replace(blocked=blocked))
+                kept_slots.append(torch.nn.functional.pad(slots, (0, block - width), value=-1))
+            tiles_with_rows = torch.nonzero(owned.any(1))[:, 0].tolist()
             ranges = []
-            for tile in owned_tiles:
+            for tile in tiles_with_rows:
                 if ranges and ranges[-1][1] == tile:
                     ranges[-1][1] = tile + 1
                 else:
                     ranges.append([tile, tile + 1])
-            self._slot_maps[key] = (local_row.to(device), pos.clamp(max=shard.n - 1).to(device),
-                                    [tuple(r) for r in ranges])
-        return self._slot_maps[key]
+            self._rank_plans[key] = (chunks, torch.cat(kept_slots).to(device), [tuple(r) for r in ranges],
+                                     pos.to(device))
+        return self._rank_plans[key]
 
     def _attend_mask(self, layout, mask, heads, q, store, lookup, rank, with_lse):
         """This rank's rows of mask `mask` for query heads `heads`: (out [batch, heads, local, d], LSE or None)."""
+        shard = self.shard
         plan = cpu_gather(layout, mask)
-        block = layout.masks.block
-        local_row, slot_position, ranges = self._slot_map(layout, plan, mask, rank, q.device)
+        chunks, kept_slots, ranges, slot_position = self._rank_plan(layout, plan, mask, rank, q.device)
         batch, local, dim = q.shape[0], q.shape[2], q.shape[-1]
         hm = len(heads)
-        q_rows = torch.cat([q[:, heads], q.new_zeros(batch, hm, 1, dim)], dim=2)  # row `local`: not owned
+        q_rows = torch.cat([q[:, heads], q.new_zeros(batch, hm, 1, dim)], dim=2)  # row `local`: padding
+        local_index = shard.local_index.to(q.device)
+
+        def local_rows(first, last):  # [tiles, width]: the kept rows' local index, `local` for padding
+            slots = kept_slots[first:last, :chunks_by_tile[first].blocked.shape[1]]
+            return torch.where(slots >= 0, local_index[slot_position[slots.clamp(min=0)]], local)
+
+        chunks_by_tile = {}
+        for chunk in chunks:
+            chunks_by_tile.update(dict.fromkeys(range(chunk.start, chunk.stop), chunk))
 
         def queries(first, last):
-            return q_rows.index_select(2, local_row[first * block:last * block]).view(batch, hm, last - first,
-                                                                                         block, dim)
+            rows = local_rows(first, last)
+            return q_rows.index_select(2, rows.reshape(-1)).view(batch, hm, *rows.shape, dim)
 
         def keys(slots):
             store_rows = lookup.gather(1, slot_position[slots.reshape(-1)][None].expand(hm, -1))  # [hm, S]
@@ -204,18 +229,16 @@ class ShardedAttention(torch.nn.Module):
             gathered = gathered.movedim(-2, 0)  # [batch, hm, *slots.shape, 2d]
             return gathered[..., :dim], gathered[..., dim:]
 
-        pieces = attend_tiles(plan, ranges, queries, keys, batch * hm, block, with_lse)
-        slots = torch.cat([torch.arange(first * block, last * block, device=q.device) for first, last, _, _ in pieces])
-        rows = local_row[slots]
-        owned = rows < local
-        has_keys = plan.has_keys.to(q.device).view(-1)[slots][owned]
-        out = torch.cat([o.reshape(batch, hm, -1, dim) for _, _, o, _ in pieces], dim=2)[:, :, owned]
-        out = q.new_zeros(batch, hm, local, dim).index_copy(2, rows[owned], out * has_keys[:, None].to(out.dtype))
+        pieces = attend_tiles(plan._replace(chunks=chunks), ranges, queries, keys, batch * hm, layout.masks.block,
+                              with_lse)
+        rows = torch.cat([local_rows(first, last).reshape(-1) for first, last, _, _ in pieces])
+        kept = rows < local  # owned rows with a key: the others stay 0 (and -inf LSE)
+        out = torch.cat([o.reshape(batch, hm, -1, dim) for _, _, o, _ in pieces], dim=2)[:, :, kept]
+        out = q.new_zeros(batch, hm, local, dim).index_copy(2, rows[kept], out)
         if not with_lse:
             return out
-        lse = torch.cat([s.reshape(batch, hm, -1) for _, _, _, s in pieces], dim=2)[:, :, owned]
-        lse = lse.masked_fill(has_keys == 0, float("-inf"))
-        return out, q.new_full((batch, hm, local), float("-inf")).index_copy(2, rows[owned], lse)
+        lse = torch.cat([s.reshape(batch, hm, -1) for _, _, _, s in pieces], dim=2)[:, :, kept]
+        return out, q.new_full((batch, hm, local), float("-inf")).index_copy(2, rows[kept], lse)
 
     # Hashed heads ------------------------------------------------------------------------------------------
 
