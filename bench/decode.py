@@ -5,7 +5,8 @@ SDPA over a full KV cache, side by side in one run.
 
 Per pattern: batch 1, 4 query heads (the pattern's heads repeated), head_dim 64, fp32. The prompt is prefilled
 (not timed); then `--tokens` positions are decoded one at a time and timed. The dense baseline attends every cached
-key with F.scaled_dot_product_attention for each new position. Run it with the machine otherwise idle.
+key with F.scaled_dot_product_attention for each new position. `cache`: the key/value positions patterncc's cache
+holds (pages of kept tiles, all kv heads) over a full cache's. Run it with the machine otherwise idle.
 """
 
 from __future__ import annotations
@@ -69,10 +70,11 @@ def main() -> None:
                     attn.decode(q[:, :, window], k[:, :, window], v[:, :, window], cache)
 
                 rate = decode_rate(step, args.tokens)
+            kept = cache.pages * cache.page  # positions of one kv head the cache holds, all heads together
             rows.append({"threads": threads, "pattern": label, "tokens_per_s": rate, "dense_tokens_per_s": dense,
-                         "speedup": rate / dense})
+                         "speedup": rate / dense, "cache_positions": kept, "dense_cache_positions": heads * total})
             print(f"threads {threads}  {label:18s}  {rate:8.1f} tok/s   dense SDPA {dense:8.1f} tok/s   "
-                  f"{rate / dense:5.2f}x")
+                  f"{rate / dense:5.2f}x   cache {kept / (heads * total):.3f} of a full one")
     write_results(args.json, args, rows)
 
 

@@ -38,7 +38,7 @@ def check_json(capsys, *argv) -> dict:
 
 
 HEAD_KEYS = {"name", "group", "h", "count", "family", "rows", "nonzeros", "density", "empty_rows", "first_empty_row",
-             "layout", "cost", "permutation"}
+             "layout", "cost", "permutation", "cache"}
 TOP_KEYS = {"pattern", "file", "n", "layer", "causal", "block", "combine", "params", "lets", "allowed_pairs", "heads",
             "union", "layer_heads", "coverage", "warnings", "notes", "set_heads"}
 COVERAGE_KEYS = {"status", "steps", "max_steps", "fractions", "covered_pairs", "witness", "sequence", "note"}
@@ -54,6 +54,9 @@ def test_json_keys_and_values_for_strided(capsys):
     assert result["params"] == {"l": l} and result["allowed_pairs"] == n * (n + 1) // 2
     heads = {h["name"]: h for h in result["heads"]}
     assert set(heads) == {"local", "stride"} and all(set(h) == HEAD_KEYS for h in heads.values())
+    # Keys a KV cache keeps while generating: the window, and every key for the stride head.
+    assert heads["local"]["cache"] == {"formula": "Min(n, l + 1)", "value": l + 1}
+    assert heads["stride"]["cache"] == {"formula": "n", "value": n}
     mask = pattern_mask(patterncc.parse(EXAMPLES_DIR / "strided.attn", l=l), n)
     for index, name in enumerate(["local", "stride"]):
         rows = mask[index].sum(dim=1)

@@ -135,3 +135,72 @@ def test_cache_errors_name_both_numbers():
         patterncc.load(EXAMPLES_DIR / "bigbird.attn").new_cache(1, 4, 16, 64)
     with pytest.raises(ValueError, match="needs a causal pattern"):
         patterncc.load("pattern p() { head a = hashed(buckets = 4, rounds = 1, chunk = 4) }").new_cache(1, 1, 16, 8)
+
+
+CAUSAL_CASES = [name for name in CASES if name not in ("n_dependent",)] + ["reformer"]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_cache_never_drops_a_key_a_later_query_attends(name):
+    """Per kv head (one per pattern head) and key tile, the last query tile the module tells the cache to keep it
+    for is at least the last query tile that attends a key of it in the dense mask (n = 700)."""
+    source, params = CASES[name]
+    pattern = patterncc.parse(source, **params)
+    attn = patterncc.load(source, **params)
+    module = __import__("sys").modules[type(attn).__module__]
+    heads, n = attn.num_heads, 700
+    cache = attn.new_cache(1, heads, 16, n)
+    keep = module.decode_keep_until(cache, heads)
+    dense = pattern_mask(pattern, n)
+    positions = torch.arange(n)
+    for head in range(heads):
+        if module.HEAD_FAMILIES[head] == "kernel":
+            assert (keep[head] == -1).all()  # a state, no keys
+            continue
+        last_query = torch.where(dense[head], positions[:, None], -1).amax(0)  # per key: its last reader
+        reads = last_query >= 0
+        needed = torch.full((cache.tiles,), -1).scatter_reduce(0, (positions // cache.page)[reads],
+                                                               (last_query // cache.page)[reads], "amax")
+        assert (keep[head] >= needed).all(), (name, head, torch.nonzero(keep[head] < needed)[:5])
+
+
+def test_a_local_window_keeps_its_window_and_kernel_heads_keep_nothing():
+    attn = patterncc.load(EXAMPLES_DIR / "local.attn", w=256, heads=4)
+    q, k, v, _ = make_inputs(1, 4, 4, 2048, 16, torch.float32)
+    cache = attn.new_cache(1, 4, 16, 2048)
+    attn.prefill(q[:, :, :1500], k[:, :, :1500], v[:, :, :1500], cache)
+    out = attn.decode(q[:, :, 1500:1600], k[:, :, 1500:1600], v[:, :, 1500:1600], cache)
+    torch.testing.assert_close(out, attn(q[:, :, :1600], k[:, :, :1600], v[:, :, :1600])[:, :, 1500:],
+                               rtol=1e-5, atol=1e-5)
+    # Per head, a window of 257 keys spans at most 6 tiles of 64, the query's own tile included.
+    assert cache.pages <= 4 * 6, cache
+    hybrid = patterncc.load(EXAMPLES_DIR / "hybrid.attn", w=16, l=16, k=1)
+    module = __import__("sys").modules[type(hybrid).__module__]
+    cache = hybrid.new_cache(1, 3, 16, 512)
+    keep = module.decode_keep_until(cache, 3)
+    assert (keep[2] == -1).all() and (keep[1] == cache.tiles - 1).all()  # kernel head: none; stride: every tile
+
+
+@pytest.mark.parametrize("name", CAUSAL_CASES)
+def test_the_cache_formula_bounds_the_keys_later_queries_read(name):
+    """`check`'s formula per head (analysis.cost.head_cache) is at least the most keys that some later query
+    still reads, counted on the dense mask (n = 600)."""
+    from patterncc.analysis.cost import formula_value, head_cache
+    from patterncc.semantics import bind_pattern
+
+    source, params = (EXAMPLES_DIR / "reformer.attn", {"heads": 2}) if name == "reformer" else CASES[name]
+    pattern = patterncc.parse(source, **params)
+    n = 600
+    bound = bind_pattern(pattern, n)
+    dense = pattern_mask(pattern, n)
+    index = 0
+    for group, count in zip(pattern.heads, bound.counts):
+        for h in range(count):
+            formula = head_cache(pattern, group, h)
+            if group.family == "set":
+                last_query = torch.where(dense[index], torch.arange(n)[:, None], -1).amax(0)
+                live = max(int(((torch.arange(n) <= t) & (last_query >= t)).sum()) for t in range(n))
+            else:
+                live = n if group.family == "hashed" else 0
+            assert formula_value(formula, bound.env, n) >= live, (name, group.name, h, formula, live)
+            index += 1

@@ -21,6 +21,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import sympy
+
 from .. import ir
 from ..errors import PatternUsageError, check_positive_int, warn
 from ..runtime import tiles
@@ -73,6 +75,7 @@ class HeadAnalysis:
     layout: LayoutSummary | None  # None for hashed heads
     cost: cost_mod.Cost
     permutation: PermutationChoice | None  # None unless every pair is from a set head
+    cache: sympy.Expr | None = None  # keys a KV cache keeps for it while generating (causal patterns; not the union)
 
     def to_json(self, env: dict[str, int], n: int) -> dict:
         stats = self.rows
@@ -86,6 +89,8 @@ class HeadAnalysis:
             "layout": None if self.layout is None else self.layout.to_json(),
             "cost": self.cost.to_json(env, n),
             "permutation": None if self.permutation is None else self.permutation.to_json(),
+            "cache": None if self.cache is None else {"formula": str(self.cache),
+                                                      "value": cost_mod.formula_value(self.cache, env, n)},
         }
 
 
@@ -224,8 +229,9 @@ def _analyze(pattern: ir.Pattern, n: int, layer: int, max_steps: int, progress: 
         progress(f"{pattern.name}: head {name}", index, total)
         pairs = ((group, h or 0),)
         head_cost = cost_mod.head_cost(pattern, group, h or 0, bound.block)
+        cache = cost_mod.head_cache(pattern, group, h or 0) if pattern.causal else None
         if group.family == "hashed":
-            heads.append(HeadAnalysis(name, group.name, h, count, "hashed", None, None, head_cost, None))
+            heads.append(HeadAnalysis(name, group.name, h, count, "hashed", None, None, head_cost, None, cache))
             continue
         layout = head_layout(bound, pairs)
         conn = connectivity[name] = head_connectivity(bound, group, h or 0, layout)
@@ -238,7 +244,7 @@ def _analyze(pattern: ir.Pattern, n: int, layer: int, max_steps: int, progress: 
             warn(message)
         permutation = search_permutation(bound, pairs, natural_layout=layout) if group.family == "set" else None
         heads.append(HeadAnalysis(name, group.name, h, count, group.family, stats, _summary(layout), head_cost,
-                                  permutation))
+                                  permutation, cache))
     # 3. the union of every head with known pairs
     known = [(entry, head) for entry, head in zip(entries, heads) if head.family != "hashed"]
     notes = []

@@ -32,12 +32,17 @@ class Cost:
 
     def value(self, env: dict[str, int], n: int) -> float:
         """The formula at given parameter values and n."""
-        values = {sympy.Symbol(name, positive=True, integer=True): v for name, v in env.items()}
-        return float(self.formula.subs(values).subs(N, n))
+        return formula_value(self.formula, env, n)
 
     def to_json(self, env: dict[str, int], n: int) -> dict:
         return {"formula": str(self.formula), "order": format_order(self.order), "expected": self.expected,
                 "value": self.value(env, n), "notes": list(self.notes)}
+
+
+def formula_value(formula: sympy.Expr, env: dict[str, int], n: int) -> float:
+    """A formula of the analysis at given parameter values and n."""
+    values = {sympy.Symbol(name, positive=True, integer=True): v for name, v in env.items()}
+    return float(formula.subs(values).subs(N, n))
 
 
 def format_order(order: sympy.Expr | None) -> str:
@@ -107,6 +112,42 @@ def head_cost(pattern: ir.Pattern, group: ir.HeadGroup, h: int, block: int) -> C
     except Exception:  # noqa: BLE001 - sympy failed building the formula: n bounds every row
         formula, notes = N, [NO_CLOSED_FORM]
     return _with_order(formula, pattern, notes=tuple(dict.fromkeys(notes)))
+
+
+def head_cache(pattern: ir.Pattern, group: ir.HeadGroup, h: int) -> sympy.Expr:
+    """Keys a KV cache keeps for one head of a causal pattern while generating n positions: the most positions at
+    once that a later query still reads, as a formula in n (an upper bound). Per primitive: local(w) and
+    dilated(w, d) their window (w + 1, w x d + 1), chunk(l) the current chunk (l), summary(l, c) every summary
+    key (c per chunk of l), global(g) the first g; stride(l) every key (each residue recurs), random(r) and
+    dense every key, a `where` every key (no shape is assumed). A union keeps the sum of its sides, an
+    intersection the smaller, a difference its left side; never more than n. Hashed heads keep every key (their
+    windows depend on the data); kernel heads none (they keep a state of head_dim^2 numbers)."""
+    body = group.body
+    if isinstance(body, ir.Hashed):
+        return N
+    if isinstance(body, ir.Kernel):
+        return sympy.Integer(0)
+    sym = _Symbolic(pattern, h)
+
+    def primitive(node: ir.SetPrimitive) -> sympy.Expr:
+        if isinstance(node, ir.Local):
+            return sym.expr(node.w) + 1
+        if isinstance(node, ir.Dilated):
+            return sym.expr(node.w) * sym.expr(node.d) + 1
+        if isinstance(node, ir.Chunk):
+            return sym.expr(node.l)
+        if isinstance(node, ir.Summary):
+            return sym.expr(node.c) * sympy.ceiling(N / sym.expr(node.l))
+        if isinstance(node, ir.Global):
+            return sym.expr(node.g)
+        return N  # stride, random, dense, where
+
+    try:
+        kept = ir.fold_set(body, primitive=primitive, union=lambda a, b: a + b, intersect=sympy.Min,
+                           difference=lambda a, b: a)
+    except Exception:  # noqa: BLE001 - sympy failed building the formula: n bounds it
+        return N
+    return sympy.Min(kept, N)
 
 
 def union_cost(parts: list[Cost], pattern: ir.Pattern) -> Cost:

@@ -10,7 +10,7 @@ from .. import api, ir
 from ..errors import PatternUsageError
 from ..semantics import override_params
 from .analyze import Analysis, HeadAnalysis
-from .cost import format_order
+from .cost import format_order, formula_value
 
 JSON_SCHEMA_VERSION = 2  # 2: `set_heads`, and `warnings` on the module's work
 
@@ -45,6 +45,8 @@ def print_analysis(console: Console, analysis: Analysis) -> None:
                   f"{'causal' if pattern.causal else 'bidirectional'}, block {bound.block}, "
                   f"combine {pattern.combine}" + (f", {params}" if params else ""))
     console.print(_heads_table(analysis))
+    if pattern.causal:
+        console.print(_cache_table(analysis))
     console.print(_coverage_table(analysis))
     permutations = _permutation_table(analysis)
     if permutations.row_count:
@@ -83,6 +85,18 @@ def _head_row(entry: HeadAnalysis, analysis: Analysis) -> list[str]:
     block_density = "-" if layout is None else f"{layout.density:.4f}"
     return [entry.name, entry.family, str(entry.count), rows, nonzeros, density, tiles, block_density, formula,
             format_order(cost.order)]
+
+
+def _cache_table(analysis: Analysis) -> Table:
+    """Keys a KV cache keeps per head while generating (new_cache / prefill / decode)."""
+    table = Table(title="KV cache for generation: keys kept per head, the most at once (whole tiles at run time)",
+                  title_justify="left")
+    for column in ("head", "family", "keys kept", f"at n = {analysis.bound.n}"):
+        table.add_column(column, justify="right" if column.startswith("at n") else "left")
+    for entry in analysis.heads:
+        value = formula_value(entry.cache, analysis.bound.env, analysis.bound.n)
+        table.add_row(entry.name, entry.family, str(entry.cache), f"{value:,.0f}")
+    return table
 
 
 def _coverage_table(analysis: Analysis) -> Table:

@@ -9,6 +9,7 @@ row's tiles, and attention the allowed keys only: strided(l) attends l + t / l k
 import torch
 
 from ...runtime import tiles
+from ..shared.decode import cache_read
 
 
 def decode_keys(masks, mask_ids, t, max_len):
@@ -55,31 +56,46 @@ def _row_keys(layout, mask, t):
     return candidates, layout.masks.allowed(mask, torch.tensor([t]), candidates, n, layout.random_cpu).reshape(-1)
 
 
-def blocksparse_decode(q_t, k_cache, v_cache, masks, scale, t, max_len, kv_heads=None):
-    """Attention of query position t: q_t (batch, heads, head_dim) over the cached keys and values (batch,
-    kv_heads, >= t + 1, head_dim) each head's masks allow; heads a multiple of the masks' head count. kv_heads:
-    the cache's head read by each of q_t's heads (default: grouped-query order, head h reads h // (heads /
-    kv_heads)), so a module passes its whole cache and only the allowed keys are gathered. Returns (batch, heads,
-    head_dim) in q_t's dtype (0 for a head with no allowed key)."""
+def set_heads_keep_until(masks, set_heads, num_heads, q_heads, kv_heads, max_len):
+    """For a cache of `kv_heads` heads serving `q_heads` query heads: per kv head and key tile of the layout at
+    max_len, the last query tile that some set head reading that kv head attends it from (-1: none), [kv_heads,
+    tiles]. Exact per tile: from the masks' tile classes in natural order (a tile is EMPTY only when no pair in
+    it is allowed)."""
+    layout = masks.layout(max_len, "cpu")
+    tiles_count = layout.num_tiles
+    query_tile = torch.arange(tiles_count)[:, None]
+    last_reader = [torch.where(classes != tiles.EMPTY, query_tile, -1).amax(0) for classes in layout.natural_classes]
+    keep = torch.full((kv_heads, tiles_count), -1, dtype=torch.int64)
+    repeat, q_per_kv = q_heads // num_heads, q_heads // kv_heads
+    for slot, head in enumerate(set_heads):
+        for mask in masks.head_masks[slot]:
+            if mask >= masks.num_masks:  # the empty part of a head with fewer parts
+                continue
+            for query_head in range(head * repeat, (head + 1) * repeat):
+                keep[query_head // q_per_kv] = torch.maximum(keep[query_head // q_per_kv], last_reader[mask])
+    return keep
+
+
+def blocksparse_decode(q_t, cache, masks, scale, t, max_len, kv_heads):
+    """Attention of query position t: q_t (batch, heads, head_dim) over the keys and values of a DecodeCache
+    that each head's masks allow; heads a multiple of the masks' head count. kv_heads: the cache's head read by
+    each of q_t's heads. Only the allowed keys are read. Returns (batch, heads, head_dim) in q_t's dtype (0 for a
+    head with no allowed key)."""
     num_q_heads = q_t.shape[1]
     q_per_head = num_q_heads // len(masks.head_masks)
-    if kv_heads is None:
-        kv_heads = torch.arange(num_q_heads) // (num_q_heads // k_cache.shape[1])
-    kv_heads = torch.as_tensor(kv_heads, device=q_t.device)
+    kv_heads = torch.as_tensor(kv_heads)
     compute = torch.float32 if q_t.dtype in (torch.float16, torch.bfloat16) else q_t.dtype
     out = torch.zeros(q_t.shape, dtype=compute, device=q_t.device)
     heads_of_masks = {}  # set heads sharing their masks share one key list and one batched product
     for head, mask_ids in enumerate(masks.head_masks):
         heads_of_masks.setdefault(mask_ids, []).extend(range(head * q_per_head, (head + 1) * q_per_head))
     for mask_ids, q_heads in heads_of_masks.items():
-        keys = decode_keys(masks, mask_ids, t, max_len).to(q_t.device)
+        keys = decode_keys(masks, mask_ids, t, max_len)
         if keys.numel() == 0:
             continue
-        q_index = torch.tensor(q_heads, device=q_t.device)
-        kv_index = kv_heads[q_index]
-        # The allowed keys first (a few), then the heads: never a copy of the whole cache.
-        k = k_cache.index_select(2, keys).index_select(1, kv_index).to(compute)  # [batch, heads, keys, d]
-        v = v_cache.index_select(2, keys).index_select(1, kv_index).to(compute)
+        q_index = torch.tensor(q_heads)
+        k, v = (x.to(compute) for x in cache_read(cache, kv_heads[q_index], keys.to(cache.k.device)))
+        q_index = q_index.to(q_t.device)
         scores = torch.matmul(k, q_t.index_select(1, q_index).to(compute)[..., None])[..., 0] * scale
         out[:, q_index] = torch.matmul(torch.softmax(scores, dim=-1)[:, :, None, :], v)[:, :, 0]
     return out.to(q_t.dtype)

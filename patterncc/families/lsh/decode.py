@@ -14,6 +14,7 @@ sorted list, and rounds x 2 x chunk scored keys.
 
 import torch
 
+from ..shared.decode import cache_read_values
 from ..shared.heads import heads_of, per_q_head, query_heads
 from .ops import _lsh_buckets
 
@@ -78,10 +79,10 @@ def _insert_one(state, t):
     state.sorted_k[..., :t + 1] = shifted.scatter_(-1, slot, torch.full_like(slot, t))
 
 
-def lsh_decode_row(q_t, cache_v, kv_heads, state, t, chunk, shared_qk, scale):
-    """Row t of causal LSH attention over positions 0..t: q_t (batch, heads, head_dim), the values of the cache
-    cache_v (batch, kv_heads, max_len, head_dim), kv_heads[h] the cache head of head h -> (batch, heads, head_dim)
-    in q_t's dtype. Positions 0..t must be written (lsh_decode_write), and no later one."""
+def lsh_decode_row(q_t, cache, kv_heads, state, t, chunk, shared_qk, scale):
+    """Row t of causal LSH attention over positions 0..t: q_t (batch, heads, head_dim), values from the
+    DecodeCache `cache`, kv_heads[h] the cache head of head h -> (batch, heads, head_dim) in q_t's dtype. Positions
+    0..t must be written (lsh_decode_write), and no later one."""
     bucket = state.bucket_q[..., t]  # t's bucket per round [B, H, R]
     query_chunk = (state.count_q.cumsum(-1).gather(-1, bucket[..., None]) - 1) // chunk  # [B, H, R, 1]
     # The keys whose slot lies in t's chunk or the one before, in every round: [B, H, R, 2c].
@@ -108,17 +109,18 @@ def lsh_decode_row(q_t, cache_v, kv_heads, state, t, chunk, shared_qk, scale):
     lse = torch.where(has_round, torch.logsumexp(torch.where(has_round, masked, 0.0), -1, keepdim=True),
                       float("-inf"))  # per round, -inf with no key that round
     probabilities = torch.where(allowed, torch.exp(masked - torch.where(has_round, lse, 0.0)), 0.0)
-    _, cache_heads, max_len, dim = cache_v.shape
-    kv_index = torch.tensor(kv_heads, device=q_t.device)
-    rows = (torch.arange(batch, device=q_t.device)[:, None, None] * cache_heads + kv_index[None, :, None]) * max_len
-    window_values = cache_v.reshape(-1, dim)[rows + index].to(keys.dtype)  # [B, H, R x 2c, D], no copy of the cache
-    out_r = torch.einsum("bhrj,bhrjd->bhrd", probabilities, window_values.view(batch, heads, rounds, width, dim))
+    window_values = cache_read_values(cache, kv_heads, index.to(cache.v.device)).to(keys.dtype)  # [B, H, R x 2c, D]
+    out_r = torch.einsum("bhrj,bhrjd->bhrd", probabilities, window_values.view(batch, heads, rounds, width, -1))
     top = lse.amax(2)  # [B, H, 1]
     has_keys = top > float("-inf")
     weights = torch.exp(lse - torch.where(has_keys, top, 0.0)[:, :, None])  # [B, H, R, 1]
     out = (weights * out_r).sum(2) / torch.where(has_keys, weights.sum(2), 1.0)
     # No key in any round: v_t with shared_qk (the self rule's fallback), else 0.
-    out = torch.where(has_keys, out, cache_v[:, kv_index, t].to(out.dtype) if shared_qk else 0.0)
+    if shared_qk:
+        own = cache_read_values(cache, kv_heads, torch.full((batch, heads, 1), t, device=cache.v.device))[:, :, 0]
+        out = torch.where(has_keys, out, own.to(out.dtype))
+    else:
+        out = torch.where(has_keys, out, 0.0)
     return out.to(q_t.dtype)
 
 
@@ -142,7 +144,7 @@ def lsh_heads_decode_pieces(q_t, cache, calls, num_heads, scale, t):
     pieces = []
     for call, state in zip(calls, cache.lsh_states):
         heads = query_heads(call.heads, num_heads, q_t.shape[1])
-        kv_heads = [head // (q_t.shape[1] // cache.v.shape[1]) for head in heads]
-        out = lsh_decode_row(q_t[:, heads, 0], cache.v, kv_heads, state, t, call.chunk, call.shared_qk, scale)
+        kv_heads = [head // (q_t.shape[1] // cache.kv_heads) for head in heads]
+        out = lsh_decode_row(q_t[:, heads, 0], cache, kv_heads, state, t, call.chunk, call.shared_qk, scale)
         pieces.append((call.heads, out[:, :, None]))
     return pieces
