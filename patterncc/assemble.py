@@ -44,6 +44,7 @@ LIBRARY = (
     LibrarySource("families/blocksparse/layout.py"),
     LibrarySource("families/blocksparse/cpu.py"),
     LibrarySource("families/blocksparse/ops.py"),
+    LibrarySource("families/blocksparse/decode_kernels.py", needs_triton=True),
     LibrarySource("families/blocksparse/decode.py"),
     LibrarySource("families/lsh/kernels.py", needs_triton=True),
     LibrarySource("families/lsh/cpu.py"),

@@ -3,10 +3,11 @@
     python tests/aot_worker.py SOURCE CAPABILITY [CAPABILITY ...] [--dtypes fp16,bf16] [--head-dims 64] [--dropout]
 
 SOURCE is an .attn file (every kernel of each of its patterns' generated modules), `family:lsh` (every LSH kernel,
-for the heaviest and the lightest predicate) or `family:linear` (every linear-attention kernel variant: each
-feature map, causal and bidirectional). Prints one JSON line per kernel: its name, dtype, head_dim, target,
-registers, spills, shared memory and the config used (the first of its chain that does not spill, as the module
-picks on a GPU), with `example` or `variant` saying where it came from. conftest.run_aot_worker runs it.
+for the heaviest and the lightest predicate), `family:linear` (every linear-attention kernel variant: each
+feature map, causal and bidirectional) or `family:decode` (the set heads' split-K decode kernel). Prints one JSON
+line per kernel: its name, dtype, head_dim, target, registers, spills, shared memory and the config used (the
+first of its chain that does not spill, as the module picks on a GPU), with `example` or `variant` saying where
+it came from. conftest.run_aot_worker runs it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def _reports(source: str, capability: int, dtypes: tuple, head_dims: tuple, drop
 
             for report in aot_compile(ops, capability, dtypes, head_dims, specs=specs):
                 yield dict(report.__dict__, variant=variant)
+    elif source == "family:decode":
+        from patterncc.families.blocksparse import decode
+
+        for report in aot_compile(decode, capability, dtypes, head_dims, specs=decode.blocksparse_decode_aot_specs):
+            yield dict(report.__dict__, variant="decode")
     elif source == "family:linear":
         from patterncc.families.linear import ops
 

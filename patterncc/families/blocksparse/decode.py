@@ -9,7 +9,9 @@ row's tiles, and attention the allowed keys only: strided(l) attends l + t / l k
 import torch
 
 from ...runtime import tiles
-from ..shared.decode import cache_read
+from ..shared.decode import cache_read, cache_rows
+from ..shared.launch import aot_configs, aot_signature, uses_triton
+from .decode_kernels import blocksparse_decode_kernel
 
 
 def decode_keys(masks, mask_ids, t, max_len):
@@ -76,11 +78,12 @@ def set_heads_keep_until(masks, set_heads, num_heads, q_heads, kv_heads, max_len
     return keep
 
 
-def blocksparse_decode(q_t, cache, masks, scale, t, max_len, kv_heads):
+def blocksparse_decode(q_t, cache, masks, scale, t, max_len, kv_heads, backend="auto"):
     """Attention of query position t: q_t (batch, heads, head_dim) over the keys and values of a DecodeCache
     that each head's masks allow; heads a multiple of the masks' head count. kv_heads: the cache's head read by
-    each of q_t's heads. Only the allowed keys are read. Returns (batch, heads, head_dim) in q_t's dtype (0 for a
-    head with no allowed key)."""
+    each of q_t's heads. Only the allowed keys are read: by the split-K Triton kernel (backend "triton", or
+    "auto" on CUDA), else in torch. Returns (batch, heads, head_dim) in q_t's dtype (0 for a head with no
+    allowed key)."""
     num_q_heads = q_t.shape[1]
     q_per_head = num_q_heads // len(masks.head_masks)
     kv_heads = torch.as_tensor(kv_heads)
@@ -90,12 +93,52 @@ def blocksparse_decode(q_t, cache, masks, scale, t, max_len, kv_heads):
     for head, mask_ids in enumerate(masks.head_masks):
         heads_of_masks.setdefault(mask_ids, []).extend(range(head * q_per_head, (head + 1) * q_per_head))
     for mask_ids, q_heads in heads_of_masks.items():
-        keys = decode_keys(masks, mask_ids, t, max_len)
+        keys = decode_keys(masks, mask_ids, t, max_len).to(cache.k.device)
         if keys.numel() == 0:
             continue
         q_index = torch.tensor(q_heads)
-        k, v = (x.to(compute) for x in cache_read(cache, kv_heads[q_index], keys.to(cache.k.device)))
+        if uses_triton(q_t, backend):
+            rows = cache_rows(cache, kv_heads[q_index], keys[None, :].expand(len(q_heads), -1))
+            out[:, q_index.to(q_t.device)] = blocksparse_decode_triton(q_t[:, q_index.to(q_t.device)], cache.k, cache.v,
+                                                                       rows.to(torch.int32), scale).to(compute)
+            continue
+        k, v = (x.to(compute) for x in cache_read(cache, kv_heads[q_index], keys))
         q_index = q_index.to(q_t.device)
         scores = torch.matmul(k, q_t.index_select(1, q_index).to(compute)[..., None])[..., 0] * scale
         out[:, q_index] = torch.matmul(torch.softmax(scores, dim=-1)[:, :, None, :], v)[:, :, 0]
     return out.to(q_t.dtype)
+
+
+def decode_config(head_dim):
+    """(BLOCK_M steps per program, BLOCK_N keys per step, num_warps, num_stages): 256 keys per program in steps of
+    64; head_dim 128 on 8 warps (on 4 its tiles take 252 of a thread's 255 registers on sm_90, ptxas -v; 128 on 8)."""
+    return (4, 64, 8, 2) if head_dim > 64 else (4, 64, 4, 2)
+
+
+def blocksparse_decode_triton(q, k_pool, v_pool, rows, scale):
+    """Split-K decode: q (batch, heads, head_dim), k_pool and v_pool (batch, cache rows, head_dim), rows (heads,
+    keys) int32 the cache row of each key of each head -> (batch, heads, head_dim) float32, the softmax over those
+    keys; the splits' partial outputs are combined by log-sum-exp."""
+    batch, heads, dim = q.shape
+    block_m, block_n, warps, stages = decode_config(dim)
+    splits = max(1, -(-rows.shape[1] // (block_m * block_n)))
+    part = torch.empty(batch, heads, splits, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, heads, splits, dtype=torch.float32, device=q.device)
+    q, rows = q.contiguous(), rows.contiguous()
+    blocksparse_decode_kernel[(batch * heads, splits)](
+        q, k_pool, v_pool, rows, part, lse, float(scale), rows.shape[1], heads, q.stride(0), q.stride(1),
+        k_pool.stride(0), rows.stride(0), part.stride(0), part.stride(1), part.stride(2), HEAD_DIM=dim,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    top = lse.amax(-1, keepdim=True)
+    top = torch.where(top > float("-inf"), top, 0.0)
+    weights = torch.exp(lse - top)  # [batch, heads, splits]; 0 for an empty split
+    total = weights.sum(-1, keepdim=True)
+    return (weights[..., None] * part).sum(2) / torch.where(total > 0, total, 1.0)
+
+
+def blocksparse_decode_aot_specs(dtype="fp16", head_dim=64):
+    """The decode kernel for ahead-of-time compilation: [(name, kernel, signature, [(constexprs, options)])]."""
+    signature = aot_signature(blocksparse_decode_kernel, dtype, {"ROWS": "*i32", "OUT": "*fp32", "LSE": "*fp32"},
+                              floats=("sm_scale",))
+    return [("blocksparse_decode", blocksparse_decode_kernel, signature,
+             aot_configs([decode_config(head_dim)], {"HEAD_DIM": head_dim}))]
