@@ -31,6 +31,7 @@ class DecodeCache:
         self.dtype, self.device, self.page = dtype, torch.device(device or "cpu"), page
         self.tiles = -(-max_len // page)
         self.length = 0
+        self.current_tile = -1  # the query tile of the last position written
         self.keep_until = None  # [kv_heads, tiles]: the last query tile reading each key tile (-1: none)
         self.table = None  # [kv_heads, tiles]: each key tile's page, -1 when not stored
         self.k = self.v = None  # [batch, pages * page, head_dim], made at the first write
@@ -91,12 +92,16 @@ def cache_write(cache, k, v):
         cache_keep(cache, torch.full((cache.kv_heads, cache.tiles), cache.tiles - 1))
     start, stop, page = cache.length, cache.length + k.shape[2], cache.page
     current = (stop - 1) // page  # the query tile of the last position written: the next query is there or later
-    dead = (cache.table >= 0) & (cache.keep_until < current)  # freed first: the pages allocated below reuse them
-    cache.free_pages.extend(cache.table[dead].tolist())
-    cache.table[dead] = -1
+    if current != cache.current_tile:  # a new query tile: free what it no longer reads (reused just below)
+        dead = (cache.table >= 0) & (cache.keep_until < current)
+        cache.free_pages.extend(cache.table[dead].tolist())
+        cache.table[dead] = -1
+        cache.current_tile = current
     for tile in range(start // page, current + 1):
-        for head in torch.nonzero((cache.keep_until[:, tile] >= current) & (cache.table[:, tile] < 0))[:, 0].tolist():
-            cache.table[head, tile] = cache.free_pages.pop()
+        needed = (cache.keep_until[:, tile] >= current) & (cache.table[:, tile] < 0)
+        if bool(needed.any()):
+            for head in torch.nonzero(needed)[:, 0].tolist():
+                cache.table[head, tile] = cache.free_pages.pop()
     positions = torch.arange(start, stop)
     kept = cache.keep_until[:, positions // page] >= current  # [kv_heads, t]: written only where read later
     heads, offsets = torch.nonzero(kept, as_tuple=True)
