@@ -229,3 +229,15 @@ def test_the_split_k_decode_kernel_compiles_for_sm90_and_sm80_without_spills():
     assert seen == {(d, h, t) for d in ("fp16", "bf16", "fp32") for h in (64, 128) for t in ("sm_90", "sm_80")}
     spilled = [r for r in reports if r["spill_stores"] or r["spill_loads"]]
     assert not spilled, spilled
+
+
+@pytest.mark.parametrize("combine, layer", [("merged", 0), ("interleaved", 0), ("interleaved", 1)])
+def test_combined_heads_decode(combine, layer):
+    """The paper's merged head (every attention head over the union) and interleaved layers (one group per
+    layer) generate like every other pattern: prefill then decode equals the causal forward."""
+    source = (f"pattern p() {{ causal block 16 combine {combine} head a[2] = local(5) head b[2] = stride(7) "
+              f"| local(2) }}")
+    attn = patterncc.load(source, layer=layer)
+    heads = attn.num_heads * 2
+    q, k, v, _ = make_inputs(1, heads, heads // 2, 70, 16, torch.float64)
+    torch.testing.assert_close(_decode_all(attn, q, k, v, 20), attn(q, k, v), rtol=1e-10, atol=1e-10)
