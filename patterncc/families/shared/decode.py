@@ -34,6 +34,8 @@ class DecodeCache:
         self.current_tile = -1  # the query tile of the last position written
         self.keep_until = None  # [kv_heads, tiles]: the last query tile reading each key tile (-1: none)
         self.table = None  # [kv_heads, tiles]: each key tile's page, -1 when not stored
+        self.row_of = None  # [kv_heads, max_len]: each position's row in k and v, -1 when not stored
+        self.write_heads = None  # the kv heads that store the current query tile's positions
         self.k = self.v = None  # [batch, pages * page, head_dim], made at the first write
         self.free_pages = []
         self.linear_state = None  # per kernel call, made at the first call (it has one state per query head)
@@ -70,6 +72,7 @@ def cache_keep(cache, keep_until):
     pages = max(1, int(change.cumsum(0).max()))
     cache.keep_until = keep_until
     cache.table = torch.full(want, -1, dtype=torch.int64)
+    cache.row_of = torch.full((cache.kv_heads, cache.max_len), -1, dtype=torch.int64, device=cache.device)
     cache.k = torch.zeros(cache.batch, pages * cache.page, cache.head_dim, dtype=cache.dtype, device=cache.device)
     cache.v = torch.zeros_like(cache.k)
     cache.free_pages = list(range(pages - 1, -1, -1))
@@ -92,23 +95,33 @@ def cache_write(cache, k, v):
         cache_keep(cache, torch.full((cache.kv_heads, cache.tiles), cache.tiles - 1))
     start, stop, page = cache.length, cache.length + k.shape[2], cache.page
     current = (stop - 1) // page  # the query tile of the last position written: the next query is there or later
-    if current != cache.current_tile:  # a new query tile: free what it no longer reads (reused just below)
-        dead = (cache.table >= 0) & (cache.keep_until < current)
-        cache.free_pages.extend(cache.table[dead].tolist())
-        cache.table[dead] = -1
-        cache.current_tile = current
-    for tile in range(start // page, current + 1):
-        needed = (cache.keep_until[:, tile] >= current) & (cache.table[:, tile] < 0)
-        if bool(needed.any()):
-            for head in torch.nonzero(needed)[:, 0].tolist():
+    if current != cache.current_tile:  # a new query tile: free what it no longer reads, then pages for new tiles
+        for head, tile in torch.nonzero((cache.table >= 0) & (cache.keep_until < current)).tolist():
+            cache.free_pages.append(int(cache.table[head, tile]))
+            cache.table[head, tile] = -1
+            cache.row_of[head, tile * page:(tile + 1) * page] = -1
+        for tile in range(start // page, current + 1):
+            unstored = (cache.keep_until[:, tile] >= current) & (cache.table[:, tile] < 0)
+            for head in torch.nonzero(unstored)[:, 0].tolist():
                 cache.table[head, tile] = cache.free_pages.pop()
-    positions = torch.arange(start, stop)
-    kept = cache.keep_until[:, positions // page] >= current  # [kv_heads, t]: written only where read later
-    heads, offsets = torch.nonzero(kept, as_tuple=True)
-    rows = (cache.table[heads, positions[offsets] // page] * page + positions[offsets] % page).to(cache.device)
-    heads, offsets = heads.to(k.device), offsets.to(k.device)
-    cache.k[:, rows] = k[:, heads, offsets].to(cache.dtype)
-    cache.v[:, rows] = v[:, heads, offsets].to(cache.dtype)
+                stored = torch.arange(tile * page, min((tile + 1) * page, cache.max_len), device=cache.device)
+                cache.row_of[head, stored] = int(cache.table[head, tile]) * page + stored - tile * page
+        cache.current_tile = current
+        cache.write_heads = torch.nonzero(cache.keep_until[:, current] >= current)[:, 0].to(cache.device)
+    if stop - start == 1:  # one decoded position: written for the kv heads that keep its tile
+        heads = cache.write_heads
+        rows = cache.row_of[heads, start]
+        index = heads.to(k.device)
+        cache.k[:, rows] = k[:, index, 0].to(cache.dtype)
+        cache.v[:, rows] = v[:, index, 0].to(cache.dtype)
+    else:
+        positions = torch.arange(start, stop)
+        kept = cache.keep_until[:, positions // page] >= current  # [kv_heads, t]: written only where read later
+        heads, offsets = torch.nonzero(kept, as_tuple=True)
+        rows = cache.row_of[heads.to(cache.device), (positions[offsets]).to(cache.device)]
+        heads, offsets = heads.to(k.device), offsets.to(k.device)
+        cache.k[:, rows] = k[:, heads, offsets].to(cache.dtype)
+        cache.v[:, rows] = v[:, heads, offsets].to(cache.dtype)
     cache.length = stop
     return start
 
@@ -117,12 +130,10 @@ def cache_rows(cache, kv_index, positions):
     """The cache rows holding positions (int64 [..., K] on the cache's device) of the kv heads kv_index
     ([heads], or broadcastable against positions' leading dims) -> rows of the same shape. A position whose page
     was freed is a bug in what the module told the cache to keep: it raises instead of reading another one's."""
-    page = cache.page
-    table = cache.table.to(positions.device)
-    pages = table[torch.as_tensor(kv_index, device=positions.device)[..., None], positions // page]
-    if bool((pages < 0).any()):
+    rows = cache.row_of[torch.as_tensor(kv_index, device=positions.device)[..., None], positions]
+    if bool((rows < 0).any()):
         raise RuntimeError("patterncc: a decode step read a key the cache had dropped (a bug: please report it)")
-    return pages * page + positions % page
+    return rows
 
 
 def cache_read(cache, kv_index, positions):
