@@ -119,3 +119,18 @@ def test_the_torchrun_example_runs_and_matches_one_process():
     errors = [float(e) for e in re.findall(r"max \|out - one process\| (\S+)", result.stdout)]
     assert len(errors) == 2 and max(errors) < 1e-5, result.stdout
     assert "zigzag ownership" in result.stdout
+
+
+def test_tiles_reading_only_own_keys_run_while_the_exchange_is_under_way():
+    """The rank's query tiles split into those whose rows read only its own keys (computed before waiting for the
+    exchange) and the rest: with local(32) and contiguous ownership, only a rank's first tile reads remote keys."""
+    from patterncc.families.blocksparse.cpu import cpu_gather
+
+    module = load("examples/local.attn", {"w": 32, "heads": 1})
+    shard = cp.plan(module, 4096, 4, order="contiguous")
+    attn = cp.ShardedAttention(module, shard=shard)
+    layout = shard.generated.PATTERN_MASKS.layout(4096, "cpu")
+    _, _, (own, remote), _ = attn._rank_plan(layout, cpu_gather(layout, 0), 0, 1, "cpu")
+    assert (own, remote) == ([(17, 32)], [(16, 17)])  # rank 1 holds tiles 16..31 of 64 positions
+    _, _, (own, remote), _ = attn._rank_plan(layout, cpu_gather(layout, 0), 0, 0, "cpu")
+    assert (own, remote) == ([(0, 16)], [])

@@ -3,8 +3,10 @@ rows read, with torch.distributed collectives (gloo on CPU, NCCL on CUDA) that c
 
 Per family, one exchange per forward call (and its mirror in backward):
 - set heads: one all_to_all_single of exactly the remote key/value rows the plan lists (`Shard.kv_reads`); each
-  rank then runs the CPU path's tile loop (`attend_tiles`) on the query tiles it owns, gathering keys from its
-  own rows and the received ones. Backward sends each received row's dK/dV back to its owner, which adds them.
+  rank then runs the CPU path's tile loop (`attend_tiles`) on the query rows it owns, gathering keys from its own
+  rows and the received ones. The exchange is started asynchronously: the first mask's tiles whose rows read only
+  the rank's own keys are computed before waiting for it. Backward sends each received row's dK/dV back to its
+  owner, which adds them (synchronously).
 - kernel heads: one all_gather of each rank's per-run state sums; a run starts from the sum of the states of
   every earlier run (causal; FAVOR+ states rescaled to the largest key exponent before it), or every rank uses
   the total (non-causal). Backward returns each state's gradient to its owner.
@@ -151,11 +153,9 @@ class ShardedAttention(torch.nn.Module):
         compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
         rows = torch.cat([k, v], dim=-1).permute(1, 2, 0, 3).reshape(kv_heads * local, batch, 2 * dim)
         outgoing = rows.index_select(0, send_index)
-        incoming = self._received(exchange(outgoing, send_splits, recv_splits, self.group))
-        # The store: own rows, received rows, and one zero row that absent keys read (only rows this rank does
-        # not own read them, and those are dropped).
-        store = torch.cat([rows, incoming, rows.new_zeros(1, batch, 2 * dim)]).to(compute)
-        lookup = torch.where(lookup < 0, store.shape[0] - 1, lookup)
+        pending = []  # the exchange runs while the query tiles that read only local keys are computed
+        incoming = self._received(exchange(outgoing, send_splits, recv_splits, self.group, pending))
+        store = _KeyStore(rows, incoming, pending[0], compute)
         qc = q.to(compute) * scale
         q_per_kv = q.shape[1] // kv_heads
 
@@ -168,8 +168,9 @@ class ShardedAttention(torch.nn.Module):
     def _rank_plan(self, layout, plan, mask, rank, device):
         """This rank's share of the mask's CPU plan: its chunks keep only the query rows the rank owns (a tile of a
         grid-transposed order may hold a few owned rows: the rest are not computed), padded per chunk to the most
-        rows a tile keeps. Returns (chunks, query slot of each kept row [tiles, rows] (-1 padding), owned tile
-        ranges, original position per slot)."""
+        rows a tile keeps. Returns (chunks, query slot of each kept row [tiles, rows] (-1 padding), the tile ranges
+        holding its rows ([those reading only its own keys, those reading remote keys too]), original position per
+        slot)."""
         key = (rank, mask)
         if key not in self._rank_plans:
             shard, block = self.shard, layout.masks.block
@@ -177,6 +178,7 @@ class ShardedAttention(torch.nn.Module):
             pos = pos.clamp(max=shard.n - 1)
             owned = (real & (shard.owner[pos] == rank)).view(-1, block)  # [tiles, block]
             chunks, kept_slots = [], []
+            remote = torch.zeros(layout.num_tiles, dtype=torch.bool)
             for chunk in plan.chunks:
                 mine = owned[chunk.start:chunk.stop]
                 width = max(1, int(mine.sum(1).max()))
@@ -190,22 +192,29 @@ class ShardedAttention(torch.nn.Module):
                 slots = (torch.arange(chunk.start, chunk.stop)[:, None] * block + offsets).masked_fill(~keeps, -1)
                 chunks.append(chunk._replace(blocked=blocked))
                 kept_slots.append(torch.nn.functional.pad(slots, (0, block - width), value=-1))
-            tiles_with_rows = torch.nonzero(owned.any(1))[:, 0].tolist()
-            ranges = []
-            for tile in tiles_with_rows:
-                if ranges and ranges[-1][1] == tile:
-                    ranges[-1][1] = tile + 1
+                # Whether a kept row reads a key another rank owns: such tiles wait for the exchange.
+                key_owner = shard.owner[pos[chunk.slots.clamp(max=shard.n - 1)]].view(-1 if not chunk.shared else 1,
+                                                                                     chunk.slots.shape[-1])
+                reads = ~blocked & keeps[..., None] & (key_owner != rank)[:, None, :]
+                remote[chunk.start:chunk.stop] = reads.any(2).any(1)
+            ranges = {False: [], True: []}  # tiles holding this rank's rows: local keys only / remote keys too
+            for tile in torch.nonzero(owned.any(1))[:, 0].tolist():
+                runs = ranges[bool(remote[tile])]
+                if runs and runs[-1][1] == tile:
+                    runs[-1][1] = tile + 1
                 else:
-                    ranges.append([tile, tile + 1])
-            self._rank_plans[key] = (chunks, torch.cat(kept_slots).to(device), [tuple(r) for r in ranges],
-                                     pos.to(device))
+                    runs.append([tile, tile + 1])
+            self._rank_plans[key] = (chunks, torch.cat(kept_slots).to(device),
+                                     [[tuple(r) for r in ranges[remote]] for remote in (False, True)], pos.to(device))
         return self._rank_plans[key]
 
     def _attend_mask(self, layout, mask, heads, q, store, lookup, rank, with_lse):
-        """This rank's rows of mask `mask` for query heads `heads`: (out [batch, heads, local, d], LSE or None)."""
+        """This rank's rows of mask `mask` for query heads `heads`: (out [batch, heads, local, d], LSE or None).
+        Tiles whose rows read only this rank's keys run first, while the exchange may still be under way."""
         shard = self.shard
         plan = cpu_gather(layout, mask)
-        chunks, kept_slots, ranges, slot_position = self._rank_plan(layout, plan, mask, rank, q.device)
+        chunks, kept_slots, (local_ranges, remote_ranges), slot_position = self._rank_plan(layout, plan, mask, rank,
+                                                                                           q.device)
         batch, local, dim = q.shape[0], q.shape[2], q.shape[-1]
         hm = len(heads)
         q_rows = torch.cat([q[:, heads], q.new_zeros(batch, hm, 1, dim)], dim=2)  # row `local`: padding
@@ -223,14 +232,24 @@ class ShardedAttention(torch.nn.Module):
             rows = local_rows(first, last)
             return q_rows.index_select(2, rows.reshape(-1)).view(batch, hm, *rows.shape, dim)
 
-        def keys(slots):
-            store_rows = lookup.gather(1, slot_position[slots.reshape(-1)][None].expand(hm, -1))  # [hm, S]
-            gathered = store.index_select(0, store_rows.reshape(-1)).view(hm, *slots.shape, batch, 2 * dim)
-            gathered = gathered.movedim(-2, 0)  # [batch, hm, *slots.shape, 2d]
-            return gathered[..., :dim], gathered[..., dim:]
+        def keys_from(rows_of_store, lookup_of):
+            def keys(slots):
+                store_rows = lookup_of.gather(1, slot_position[slots.reshape(-1)][None].expand(hm, -1))  # [hm, S]
+                gathered = rows_of_store.index_select(0, store_rows.reshape(-1)).view(hm, *slots.shape, batch, 2 * dim)
+                gathered = gathered.movedim(-2, 0)  # [batch, hm, *slots.shape, 2d]
+                return gathered[..., :dim], gathered[..., dim:]
+            return keys
 
-        pieces = attend_tiles(plan._replace(chunks=chunks), ranges, queries, keys, batch * hm, layout.masks.block,
-                              with_lse)
+        own_plan = plan._replace(chunks=chunks)
+        # Own rows only (absent and remote keys read a zero row: no kept row of these tiles reads them).
+        own_lookup = torch.where((lookup >= 0) & (lookup < store.own_rows), lookup, store.own_rows)
+        pieces = attend_tiles(own_plan, local_ranges, queries, keys_from(store.local, own_lookup), batch * hm,
+                              layout.masks.block, with_lse)
+        if remote_ranges:
+            full = store.full()
+            full_lookup = torch.where(lookup >= 0, lookup, full.shape[0] - 1)
+            pieces += attend_tiles(own_plan, remote_ranges, queries, keys_from(full, full_lookup), batch * hm,
+                                   layout.masks.block, with_lse)
         rows = torch.cat([local_rows(first, last).reshape(-1) for first, last, _, _ in pieces])
         kept = rows < local  # owned rows with a key: the others stay 0 (and -inf LSE)
         out = torch.cat([o.reshape(batch, hm, -1, dim) for _, _, o, _ in pieces], dim=2)[:, :, kept]
@@ -302,15 +321,38 @@ class ShardedAttention(torch.nn.Module):
         return torch.cat(outs, dim=2)
 
 
+class _KeyStore:
+    """The k/v rows [rows, batch, 2 x head_dim] a rank's set heads read: its own at once (`local`, with a zero row
+    at `own_rows`), its own and the received ones once the exchange has completed (`full()`, a zero row last)."""
+
+    def __init__(self, rows, incoming, work, compute):
+        self.rows, self.incoming, self.work, self.compute = rows, incoming, work, compute
+        self.own_rows = rows.shape[0]
+        self.local = torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])]).to(compute)
+        self._full = None
+
+    def full(self):
+        if self._full is None:
+            if self.work is not None:
+                self.work.wait()
+            self._full = torch.cat([self.rows, self.incoming, self.rows.new_zeros(1, *self.rows.shape[1:])])
+            self._full = self._full.to(self.compute)
+        return self._full
+
+
 class _Exchange(torch.autograd.Function):
     """all_to_all_single with uneven splits along dim 0, differentiable: backward sends each received row's
-    gradient back to the rank that sent the row."""
+    gradient back to the rank that sent the row. With a `pending` list, the forward only starts the exchange and
+    appends its handle: the received rows are valid after handle.wait()."""
 
     @staticmethod
-    def forward(ctx, rows, send_splits, recv_splits, group):
+    def forward(ctx, rows, send_splits, recv_splits, group, pending):
         ctx.splits, ctx.group = (send_splits, recv_splits), group
         received = rows.new_empty(sum(recv_splits), *rows.shape[1:])
-        dist.all_to_all_single(received, rows.contiguous(), recv_splits, send_splits, group=group)
+        work = dist.all_to_all_single(received, rows.contiguous(), recv_splits, send_splits, group=group,
+                                      async_op=pending is not None)
+        if pending is not None:
+            pending.append(work)
         return received
 
     @staticmethod
@@ -318,13 +360,14 @@ class _Exchange(torch.autograd.Function):
         send_splits, recv_splits = ctx.splits
         grad_rows = grad.new_empty(sum(send_splits), *grad.shape[1:])
         dist.all_to_all_single(grad_rows, grad.contiguous(), send_splits, recv_splits, group=ctx.group)
-        return grad_rows, None, None, None
+        return grad_rows, None, None, None, None
 
 
-def exchange(rows, send_splits, recv_splits, group=None):
+def exchange(rows, send_splits, recv_splits, group=None, pending=None):
     """Rows [sum(send_splits), ...] sent to the ranks of `group`, send_splits[r] of them to rank r, in order; the
-    rows received, recv_splits[r] from rank r, in rank order. Every rank calls it with matching splits."""
-    return _Exchange.apply(rows, list(send_splits), list(recv_splits), group)
+    rows received, recv_splits[r] from rank r, in rank order. Every rank calls it with matching splits. pending:
+    a list to receive the exchange's handle (then wait on it before reading the rows), or None to wait here."""
+    return _Exchange.apply(rows, list(send_splits), list(recv_splits), group, pending)
 
 
 def _local_runs(runs):
