@@ -80,16 +80,19 @@ def test_hashed_heads_decode_the_last_row_of_the_forward_so_far(name, prompt):
         torch.testing.assert_close(out[:, :, t], expected, rtol=1e-10, atol=1e-10, msg=f"position {t}")
 
 
-@pytest.mark.parametrize("name", ["strided", "hybrid"])
-def test_prefill_runs_the_kernels(tmp_path, name):
-    """The prompt runs through the Triton kernels (interpreter), the decode steps through the torch path."""
+@pytest.mark.parametrize("name, prompt", [("strided", 0), ("strided", 1), ("strided", 16), ("strided", 37),
+                                          ("hybrid", 40)])
+def test_prefill_and_decode_run_the_kernels(tmp_path, name, prompt):
+    """Everything through the Triton kernels (interpreter): the prompt through the block-sparse (and linear)
+    kernels, the decode steps' set heads through the split-K decode kernel; equal to the torch path's forward."""
     source, params = CASES[name]
     module = build(patterncc.parse(source, **params), tmp_path)
-    q, k, v, _ = make_inputs(1, module.NUM_HEADS, module.NUM_HEADS, 70, 16, torch.float32)
-    cache = module.new_cache(1, module.NUM_HEADS, 16, 70)
-    first = module.prefill(q[:, :, :40], k[:, :, :40], v[:, :, :40], cache, backend="triton")
-    rest = module.decode(q[:, :, 40:], k[:, :, 40:], v[:, :, 40:], cache)
-    torch.testing.assert_close(torch.cat([first, rest], dim=2), module.attention(q, k, v, backend="torch"),
+    q, k, v, _ = make_inputs(1, module.NUM_HEADS, module.NUM_HEADS, 56, 16, torch.float32)
+    cache = module.new_cache(1, module.NUM_HEADS, 16, 56)
+    first = [module.prefill(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], cache, backend="triton")
+             ] if prompt else []
+    rest = module.decode(q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:], cache, backend="triton")
+    torch.testing.assert_close(torch.cat([*first, rest], dim=2), module.attention(q, k, v, backend="torch"),
                                rtol=1e-4, atol=1e-4)
 
 
