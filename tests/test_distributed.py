@@ -20,13 +20,19 @@ from patterncc.mask import pattern_mask
 TOLERANCE = 1e-10
 
 
-@pytest.mark.parametrize("world, n", [(2, 200), (4, 203)])
-def test_sharded_outputs_and_gradients_equal_one_process(tmp_path, world, n):
-    """Every case of distributed_support.CASES (every set example, a hashed and a kernel example, mixed
-    families, grouped-query attention, FAVOR+ causal and not), with n not a multiple of world x block."""
+# 4 ranks rerun the families and orders on another partition (a subset, to bound the suite's time).
+FOUR_RANKS = ["strided", "strided-gqa", "fixed", "bigbird-balanced", "hybrid", "reformer", "favor-causal"]
+
+
+@pytest.mark.parametrize("world, n, names", [(2, 200, [c[0] for c in CASES]), (4, 203, FOUR_RANKS)],
+                         ids=["2-ranks", "4-ranks"])
+def test_sharded_outputs_and_gradients_equal_one_process(tmp_path, world, n, names):
+    """Every case of distributed_support.CASES on 2 ranks (every set example, a hashed and a kernel example,
+    mixed families, grouped-query attention, FAVOR+ causal and not, the balanced order), a subset on 4, with n
+    not a multiple of world x block."""
     for case in CASES:  # compiled once here, so the ranks find every module in the cache
         load(case[1], case[2])
-    context = mp.start_processes(worker, args=(world, n, str(tmp_path)), nprocs=world, join=False,
+    context = mp.start_processes(worker, args=(world, n, str(tmp_path), names), nprocs=world, join=False,
                                  start_method="spawn")
     deadline = time.monotonic() + 600
     while not context.join(timeout=5):
@@ -35,13 +41,14 @@ def test_sharded_outputs_and_gradients_equal_one_process(tmp_path, world, n):
                 process.kill()
             pytest.fail(f"{world} ranks did not finish in 600 s")
     results = [r for rank in range(world) for r in json.loads((tmp_path / f"rank{rank}.json").read_text())]
-    assert len(results) == world * len(CASES)
+    assert len(results) == world * len(names)
     for r in results:
         assert max(r["errors"]) < TOLERANCE, r
         assert r["bytes"] == r["planned"], r  # measured on the wire == the plan's count
     by_case = {r["case"]: r for r in results}
-    assert by_case["strided"]["order"] == "zigzag" and by_case["bigbird"]["order"] == "contiguous"
-    assert by_case["bigbird-balanced"]["order"] == "balanced"
+    assert by_case["strided"]["order"] == "zigzag" and by_case["bigbird-balanced"]["order"] == "balanced"
+    if "bigbird" in by_case:
+        assert by_case["bigbird"]["order"] == "contiguous"
 
 
 @pytest.mark.parametrize("name", ["strided", "fixed", "local", "bigbird", "dilated", "hybrid"])
