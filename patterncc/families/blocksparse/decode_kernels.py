@@ -12,8 +12,8 @@ import triton.language as tl
 
 
 @triton.jit
-def blocksparse_decode_kernel(Q, K, V, ROWS, OUT, LSE, sm_scale, num_keys, num_heads, stride_qb, stride_qh, stride_kb,
-                              stride_rh, stride_ob, stride_oh, stride_os, HEAD_DIM: tl.constexpr,
+def blocksparse_decode_kernel(Q, K, V, ROWS, OUT, LSE, sm_scale, num_keys, num_heads, stride_qb, stride_qh,
+                              stride_kb, stride_rh, stride_ob, stride_oh, stride_os, HEAD_DIM: tl.constexpr,
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Q [batch, heads, HEAD_DIM]; K, V [batch, cache rows, HEAD_DIM] (rows contiguous); ROWS [heads, num_keys]
     int32: the cache row of each key each head attends; OUT [batch, heads, splits, HEAD_DIM] and LSE [batch,
