@@ -137,7 +137,7 @@ def test_tiles_reading_only_own_keys_run_while_the_exchange_is_under_way():
     shard = cp.plan(module, 4096, 4, order="contiguous")
     attn = cp.ShardedAttention(module, shard=shard)
     layout = shard.generated.PATTERN_MASKS.layout(4096, "cpu")
-    _, _, (own, remote), _ = attn._rank_plan(layout, cpu_gather(layout, 0), 0, 1, "cpu")
+    _, _, _, (own, remote), _ = attn._rank_plan(layout, cpu_gather(layout, 0), 0, 1, "cpu")
     assert (own, remote) == ([(17, 32)], [(16, 17)])  # rank 1 holds tiles 16..31 of 64 positions
-    _, _, (own, remote), _ = attn._rank_plan(layout, cpu_gather(layout, 0), 0, 0, "cpu")
+    _, _, _, (own, remote), _ = attn._rank_plan(layout, cpu_gather(layout, 0), 0, 0, "cpu")
     assert (own, remote) == ([(0, 16)], [])

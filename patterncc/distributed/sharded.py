@@ -27,6 +27,7 @@ import torch.distributed as dist
 from ..errors import PatternUsageError
 from ..families.blocksparse.cpu import attend_mask_heads, attend_tiles, cpu_gather
 from ..families.linear.cpu import linear_attention_torch, linear_phi
+from ..families.linear.ops import linear_prefill_state
 from ..families.lsh.ops import lsh_attention
 from ..families.shared.heads import assemble_heads, attention_scale, heads_of, per_q_head
 from ..runtime import tiles
@@ -168,16 +169,16 @@ class ShardedAttention(torch.nn.Module):
     def _rank_plan(self, layout, plan, mask, rank, device):
         """This rank's share of the mask's CPU plan: its chunks keep only the query rows the rank owns (a tile of a
         grid-transposed order may hold a few owned rows: the rest are not computed), padded per chunk to the most
-        rows a tile keeps. Returns (chunks, query slot of each kept row [tiles, rows] (-1 padding), the tile ranges
-        holding its rows ([those reading only its own keys, those reading remote keys too]), original position per
-        slot)."""
+        rows a tile keeps. Returns (chunks, query slot of each kept row [tiles, block] (-1 padding), per tile its
+        chunk's row width, the tile ranges holding its rows ([those reading only its own keys, those reading remote
+        keys too]), original position per slot)."""
         key = (rank, mask)
         if key not in self._rank_plans:
             shard, block = self.shard, layout.masks.block
             pos, real = tiles.slot_positions(plan.positions, shard.n, layout.num_tiles, block)
             pos = pos.clamp(max=shard.n - 1)
             owned = (real & (shard.owner[pos] == rank)).view(-1, block)  # [tiles, block]
-            chunks, kept_slots = [], []
+            chunks, kept_slots, widths = [], [], []
             remote = torch.zeros(layout.num_tiles, dtype=torch.bool)
             for chunk in plan.chunks:
                 mine = owned[chunk.start:chunk.stop]
@@ -192,6 +193,7 @@ class ShardedAttention(torch.nn.Module):
                 slots = (torch.arange(chunk.start, chunk.stop)[:, None] * block + offsets).masked_fill(~keeps, -1)
                 chunks.append(chunk._replace(blocked=blocked))
                 kept_slots.append(torch.nn.functional.pad(slots, (0, block - width), value=-1))
+                widths += [width] * (chunk.stop - chunk.start)
                 # Whether a kept row reads a key another rank owns: such tiles wait for the exchange.
                 key_owner = shard.owner[pos[chunk.slots.clamp(max=shard.n - 1)]].view(-1 if not chunk.shared else 1,
                                                                                      chunk.slots.shape[-1])
@@ -204,7 +206,7 @@ class ShardedAttention(torch.nn.Module):
                     runs[-1][1] = tile + 1
                 else:
                     runs.append([tile, tile + 1])
-            self._rank_plans[key] = (chunks, torch.cat(kept_slots).to(device),
+            self._rank_plans[key] = (chunks, torch.cat(kept_slots).to(device), widths,
                                      [[tuple(r) for r in ranges[remote]] for remote in (False, True)], pos.to(device))
         return self._rank_plans[key]
 
@@ -213,20 +215,16 @@ class ShardedAttention(torch.nn.Module):
         Tiles whose rows read only this rank's keys run first, while the exchange may still be under way."""
         shard = self.shard
         plan = cpu_gather(layout, mask)
-        chunks, kept_slots, (local_ranges, remote_ranges), slot_position = self._rank_plan(layout, plan, mask, rank,
-                                                                                           q.device)
+        chunks, kept_slots, widths, (local_ranges, remote_ranges), slot_position = self._rank_plan(
+            layout, plan, mask, rank, q.device)
         batch, local, dim = q.shape[0], q.shape[2], q.shape[-1]
         hm = len(heads)
         q_rows = torch.cat([q[:, heads], q.new_zeros(batch, hm, 1, dim)], dim=2)  # row `local`: padding
         local_index = shard.local_index.to(q.device)
 
         def local_rows(first, last):  # [tiles, width]: the kept rows' local index, `local` for padding
-            slots = kept_slots[first:last, :chunks_by_tile[first].blocked.shape[1]]
+            slots = kept_slots[first:last, :widths[first]]  # tiles of one chunk: one width
             return torch.where(slots >= 0, local_index[slot_position[slots.clamp(min=0)]], local)
-
-        chunks_by_tile = {}
-        for chunk in chunks:
-            chunks_by_tile.update(dict.fromkeys(range(chunk.start, chunk.stop), chunk))
 
         def queries(first, last):
             rows = local_rows(first, last)
@@ -380,16 +378,11 @@ def _local_runs(runs):
 
 
 def _run_state(k, v, feature_map, projection):
-    """A run's keys as one packed state [batch, heads, F * d + F + 1]: sum of phi(k) v^T, sum of phi(k), and the
-    largest key exponent m they are relative to (FAVOR+; 0 otherwise)."""
-    phi_k, r = linear_phi(k, feature_map, projection)
-    if r is None:
-        top = phi_k.new_zeros(phi_k.shape[:2])
-    else:
-        top = r.amax(-1)
-        phi_k = phi_k * torch.exp(r - top[..., None])[..., None]
-    s = torch.matmul(phi_k.transpose(-1, -2), v)
-    return torch.cat([s.flatten(-2), phi_k.sum(-2), top[..., None]], dim=-1)
+    """A run's keys as one packed state [batch, heads, F * d + F + 1]: the decoding state linear_prefill_state
+    gives (sum of phi(k) v^T, sum of phi(k), the largest key exponent m they are relative to; 0 for elu1 and
+    relu), flattened for the exchange."""
+    s, z, m = linear_prefill_state(k, v, feature_map, projection, k.dtype)
+    return torch.cat([s.flatten(-2), z, m[..., None]], dim=-1)
 
 
 def _combine_states(states, favor):

@@ -11,6 +11,7 @@ import torch
 from ...runtime import tiles
 from ..shared.decode import cache_read, cache_rows
 from ..shared.launch import aot_configs, aot_signature, uses_triton
+from .cpu import combine_parts
 from .decode_kernels import blocksparse_decode_kernel
 
 
@@ -129,11 +130,7 @@ def blocksparse_decode_triton(q, k_pool, v_pool, rows, scale):
         q, k_pool, v_pool, rows, part, lse, float(scale), rows.shape[1], heads, q.stride(0), q.stride(1),
         k_pool.stride(0), rows.stride(0), part.stride(0), part.stride(1), part.stride(2), HEAD_DIM=dim,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
-    top = lse.amax(-1, keepdim=True)
-    top = torch.where(top > float("-inf"), top, 0.0)
-    weights = torch.exp(lse - top)  # [batch, heads, splits]; 0 for an empty split
-    total = weights.sum(-1, keepdim=True)
-    return (weights[..., None] * part).sum(2) / torch.where(total > 0, total, 1.0)
+    return combine_parts([(part[:, :, split], lse[:, :, split]) for split in range(splits)])[0]
 
 
 def blocksparse_decode_aot_specs(dtype="fp16", head_dim=64):

@@ -74,6 +74,13 @@ def lsh_attention_torch(q, k, v, plan, chunk, causal, shared_qk, scale):
     per_round = [_lsh_round_torch(q, k, v, plan, r, chunk, causal, shared_qk, scale) for r in range(rounds)]
     out_r = torch.stack([out for out, _ in per_round], dim=2)  # [B, H, R, n, D]
     lse_r = torch.stack([lse for _, lse in per_round], dim=2)  # [B, H, R, n]
+    return lsh_combine_rounds(out_r, lse_r, v if shared_qk else None)
+
+
+def lsh_combine_rounds(out_r, lse_r, own_values=None):
+    """The rounds combined by their log-sum-exp: out_r [B, H, R, n, D], lse_r [B, H, R, n] (natural log, -inf: no
+    key that round) -> [B, H, n, D]. A row with no key in any round gets own_values [B, H, n, D] (shared_qk's
+    self rule: v_i) or 0. The forward's CPU path and a decode step (n = 1) combine their rounds here."""
     top = lse_r.amax(dim=2).detach()
     has_keys = top > float("-inf")
     top = torch.where(has_keys, top, torch.zeros_like(top))
@@ -81,6 +88,6 @@ def lsh_attention_torch(q, k, v, plan, chunk, causal, shared_qk, scale):
     total = weights.sum(dim=2)
     total = torch.where(has_keys, total, torch.ones_like(total))
     out = torch.einsum("bhrn,bhrnd->bhnd", weights, out_r) / total[..., None]
-    if shared_qk:
-        out = torch.where(has_keys[..., None], out, v)  # the self rule's fallback: v_i
+    if own_values is not None:
+        out = torch.where(has_keys[..., None], out, own_values.to(out.dtype))
     return out

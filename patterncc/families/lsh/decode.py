@@ -16,6 +16,7 @@ import torch
 
 from ..shared.decode import cache_read_values
 from ..shared.heads import heads_of, per_q_head, query_heads
+from .cpu import lsh_combine_rounds
 from .ops import _lsh_buckets
 
 
@@ -111,16 +112,10 @@ def lsh_decode_row(q_t, cache, kv_heads, state, t, chunk, shared_qk, scale):
     probabilities = torch.where(allowed, torch.exp(masked - torch.where(has_round, lse, 0.0)), 0.0)
     window_values = cache_read_values(cache, kv_heads, index.to(cache.v.device)).to(keys.dtype)  # [B, H, R x 2c, D]
     out_r = torch.einsum("bhrj,bhrjd->bhrd", probabilities, window_values.view(batch, heads, rounds, width, -1))
-    top = lse.amax(2)  # [B, H, 1]
-    has_keys = top > float("-inf")
-    weights = torch.exp(lse - torch.where(has_keys, top, 0.0)[:, :, None])  # [B, H, R, 1]
-    out = (weights * out_r).sum(2) / torch.where(has_keys, weights.sum(2), 1.0)
-    # No key in any round: v_t with shared_qk (the self rule's fallback), else 0.
-    if shared_qk:
-        own = cache_read_values(cache, kv_heads, torch.full((batch, heads, 1), t, device=cache.v.device))[:, :, 0]
-        out = torch.where(has_keys, out, own.to(out.dtype))
-    else:
-        out = torch.where(has_keys, out, 0.0)
+    own = None
+    if shared_qk:  # the self rule's fallback for a row with no key: v_t
+        own = cache_read_values(cache, kv_heads, torch.full((batch, heads, 1), t, device=cache.v.device))
+    out = lsh_combine_rounds(out_r[:, :, :, None], lse, own)[:, :, 0]
     return out.to(q_t.dtype)
 
 
