@@ -149,7 +149,8 @@ class Layout:
         self.params_tensor = torch.tensor(list(self.params) or [0], dtype=torch.int64 if masks.int64 else torch.int32,
                                           device=device)
         self.cpu_plans = {}
-        self.decode_rows = {}  # mask -> the latest query tile's decode keys (decode.py)
+        self.decode_rows = {}  # a head's masks -> the latest query tile's decode keys (decode.py)
+        self.decode_inverse = {}  # mask -> each position's slot in its visiting order (decode.py)
 
 
 def _cheaper_order(masks, mask, n, tables, natural):

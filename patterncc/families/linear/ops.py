@@ -331,12 +331,16 @@ def linear_step(q_t, k_t, v_t, state, feature_map, eps, projection=None):
         projection = projection.to(q_t.device)
     phi_q, _ = linear_phi(q_t[:, :, None].to(compute), feature_map, projection)
     phi_k, r = linear_phi(k_t[:, :, None].to(compute), feature_map, projection)
-    r = torch.zeros_like(m) if r is None else r[..., 0]  # elu1, relu: no rescaling (factors exp(0) = 1)
-    m_new = torch.maximum(m, r)
-    old, new = torch.exp(m - m_new), torch.exp(r - m_new)
-    phi_k = phi_k[:, :, 0] * new[..., None]  # [batch, heads, F]
-    s = s * old[..., None, None] + phi_k[..., :, None] * v_t.to(compute)[..., None, :]
-    z = z * old[..., None] + phi_k
+    if r is None:  # elu1, relu: no rescaling (the reference maximum is 0 once a key is seen, and S, z start at 0)
+        m_new, phi_k = m.clamp(min=0), phi_k[:, :, 0]
+        s = s + phi_k[..., :, None] * v_t.to(compute)[..., None, :]
+        z = z + phi_k
+    else:
+        m_new = torch.maximum(m, r[..., 0])
+        old, new = torch.exp(m - m_new), torch.exp(r[..., 0] - m_new)
+        phi_k = phi_k[:, :, 0] * new[..., None]  # [batch, heads, F]
+        s = s * old[..., None, None] + phi_k[..., :, None] * v_t.to(compute)[..., None, :]
+        z = z * old[..., None] + phi_k
     phi_q = phi_q[:, :, 0]
     num = torch.matmul(phi_q[..., None, :], s)[..., 0, :]
     den = (phi_q * z).sum(-1, keepdim=True)

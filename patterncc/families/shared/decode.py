@@ -35,7 +35,8 @@ class DecodeCache:
         self.keep_until = None  # [kv_heads, tiles]: the last query tile reading each key tile (-1: none)
         self.table = None  # [kv_heads, tiles]: each key tile's page, -1 when not stored
         self.row_of = None  # [kv_heads, max_len]: each position's row in k and v, -1 when not stored
-        self.write_heads = None  # the kv heads that store the current query tile's positions
+        self.write_heads = self.write_rows = None  # the kv heads storing the current query tile, and its rows
+        self.set_gather = None  # the set heads' reads for the current query tile (blocksparse/decode.py)
         self.k = self.v = None  # [batch, pages * page, head_dim], made at the first write
         self.free_pages = []
         self.linear_state = None  # per kernel call, made at the first call (it has one state per query head)
@@ -107,13 +108,19 @@ def cache_write(cache, k, v):
                 stored = torch.arange(tile * page, min((tile + 1) * page, cache.max_len), device=cache.device)
                 cache.row_of[head, stored] = int(cache.table[head, tile]) * page + stored - tile * page
         cache.current_tile = current
-        cache.write_heads = torch.nonzero(cache.keep_until[:, current] >= current)[:, 0].to(cache.device)
+        heads = torch.nonzero(cache.keep_until[:, current] >= current)[:, 0].to(cache.device)
+        # The kv heads storing this tile (None: all) and the row of the tile's first position in each one's page.
+        cache.write_heads = None if len(heads) == cache.kv_heads else heads
+        cache.write_rows = cache.row_of[heads, current * page]
     if stop - start == 1:  # one decoded position: written for the kv heads that keep its tile
-        heads = cache.write_heads
-        rows = cache.row_of[heads, start]
-        index = heads.to(k.device)
-        cache.k[:, rows] = k[:, index, 0].to(cache.dtype)
-        cache.v[:, rows] = v[:, index, 0].to(cache.dtype)
+        if not cache.write_rows.numel():  # no kv head keeps it (kernel heads read no key)
+            cache.length = stop
+            return start
+        rows = cache.write_rows + (start - current * page)
+        if cache.write_heads is not None:
+            k, v = (x.index_select(1, cache.write_heads.to(k.device)) for x in (k, v))
+        cache.k.index_copy_(1, rows, k[:, :, 0].to(cache.dtype))
+        cache.v.index_copy_(1, rows, v[:, :, 0].to(cache.dtype))
     else:
         positions = torch.arange(start, stop)
         kept = cache.keep_until[:, positions // page] >= current  # [kv_heads, t]: written only where read later
@@ -126,21 +133,19 @@ def cache_write(cache, k, v):
     return start
 
 
-def cache_rows(cache, kv_index, positions):
+def cache_rows(cache, kv_index, positions, valid=None):
     """The cache rows holding positions (int64 [..., K] on the cache's device) of the kv heads kv_index
-    ([heads], or broadcastable against positions' leading dims) -> rows of the same shape. A position whose page
-    was freed is a bug in what the module told the cache to keep: it raises instead of reading another one's."""
+    ([heads], or broadcastable against positions' leading dims) -> rows of the same shape; where `valid` (bool,
+    positions' shape) is False, row 0. A position whose page was freed is a bug in what the module told the cache
+    to keep: it raises instead of reading another one's."""
+    if valid is not None:
+        positions = positions.clamp(min=0)
     rows = cache.row_of[torch.as_tensor(kv_index, device=positions.device)[..., None], positions]
+    if valid is not None:
+        rows = rows.masked_fill(~valid, 0)
     if bool((rows < 0).any()):
         raise RuntimeError("patterncc: a decode step read a key the cache had dropped (a bug: please report it)")
     return rows
-
-
-def cache_read(cache, kv_index, positions):
-    """(k, v) [batch, heads, K, head_dim] of positions [K] (ascending int64) for the kv heads kv_index [heads]."""
-    rows = cache_rows(cache, kv_index, positions[None, :].expand(len(kv_index), -1)).reshape(-1)
-    shape = (cache.batch, len(kv_index), positions.shape[0], cache.head_dim)
-    return cache.k.index_select(1, rows).view(shape), cache.v.index_select(1, rows).view(shape)
 
 
 def cache_read_values(cache, kv_index, positions):
