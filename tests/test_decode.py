@@ -101,22 +101,27 @@ def test_prefill_and_decode_run_the_kernels(tmp_path, name, override, n, prompt)
 
 
 @pytest.mark.parametrize("kept", [True, False], ids=["tile-kept", "per-step"])
-@pytest.mark.parametrize("name", ["strided", "fixed", "per_head", "random"])
-def test_decode_keys_are_the_mask_row(name, kept, monkeypatch):
-    """The keys a decode step attends are exactly the dense mask's row (n = 300, every position), with a query
-    tile's predicate kept for its steps and, past the memory bound, evaluated per step."""
+@pytest.mark.parametrize("name, n", [("strided", 300), ("fixed", 300), ("per_head", 300), ("random", 300),
+                                     ("strided", 1000), ("fixed", 1000)])
+def test_decode_keys_are_the_mask_row(name, n, kept, monkeypatch):
+    """The keys a decode step attends are exactly the dense mask's row (every position), with a query tile's
+    predicate kept for its steps and, past the memory bound, evaluated per step; candidates come from each mask's
+    visiting order, grid transposed for strided's and fixed's second head at n = 1000 and per_head's third."""
     source, params = CASES[name]
     pattern = patterncc.parse(source, **params)
     attn = patterncc.load(source, **params)
     module = __import__("sys").modules[type(attn).__module__]
     masks = module.PATTERN_MASKS
-    masks.layout(300, "cpu").decode_rows.clear()
+    layout = masks.layout(n, "cpu")
+    layout.decode_rows.clear()
+    if n == 1000 or name == "per_head":  # the case covers a permuted visiting order
+        assert layout.positions_cpu[-1] is not None
     if not kept:
         monkeypatch.setattr(module, "_ROW_PAIRS", 0)
-    dense = pattern_mask(pattern, 300)
+    dense = pattern_mask(pattern, n)
     for head, set_head in enumerate(module.SET_HEADS):
-        for t in range(300):
-            keys = module.decode_keys(masks, masks.head_masks[head], t, 300)
+        for t in range(n):
+            keys = module.decode_keys(masks, masks.head_masks[head], t, n)
             assert torch.equal(keys, dense[set_head, t].nonzero().flatten()), (name, set_head, t)
 
 
