@@ -18,7 +18,7 @@ class SparseSelfAttention(torch.nn.Module):
     num_kv_heads: key/value heads for grouped-query attention (default num_heads), dividing num_heads.
     pattern: a .attn path or its text; params override its parameters (`l=64`, `heads=4`); pattern_name picks
     one pattern of a file with several; layer picks the head group of `combine interleaved` patterns.
-    dropout: attention dropout in training mode (the attention probabilities, in the kernels: set heads only).
+    dropout: attention dropout in training mode (the attention probabilities, in the kernels: set and hashed heads).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, pattern, num_kv_heads: int | None = None,

@@ -28,7 +28,7 @@ def test_layer_is_projections_around_the_pattern():
 
 
 def test_dropout_needs_set_heads():
-    with pytest.raises(patterncc.PatternUsageError, match="set heads only, and this pattern has kernel heads"):
+    with pytest.raises(patterncc.PatternUsageError, match="this pattern has kernel heads"):
         patterncc.nn.SparseSelfAttention(32, 8, EXAMPLES_DIR / "linear.attn", dropout=0.1)
 
 

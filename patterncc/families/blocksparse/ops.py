@@ -7,6 +7,7 @@ pattern, or `dense_block_masks` of boolean masks) on the Triton kernels or the t
 
 import torch
 
+from ..shared.dropout import dropout_kernel_args
 from ..shared.heads import attention_scale, check_attention_inputs, empty_batch_output
 from ..shared.launch import (
     AOT_DTYPES,
@@ -64,11 +65,6 @@ def _constexprs(masks, dtype, head_dim, dropout=None):
                 LAYOUT_BLOCK=masks.block, DROPOUT=dropout is not None)
 
 
-def _dropout_args(dropout):
-    """The kernels' (seed, threshold, keep scale): unused (and constant) without dropout."""
-    return (0, 0, 1.0) if dropout is None else (dropout.seed, dropout.threshold, dropout.scale)
-
-
 def _head_args(q, k, layout):
     num_q_heads = q.shape[1]
     return (q.shape[2], num_q_heads, num_q_heads // k.shape[1], num_q_heads // len(layout.masks.head_masks))
@@ -93,7 +89,7 @@ def _fwd_launch(q, k, v, scale, layout, part, out_dtype, dropout):
     args = (q, k, v, o, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
             *_head_args(q, k, layout), layout.num_tiles, layout.head_masks[part], layout.positions,
             *layout.full, *layout.part, layout.random, layout.num_tiles, layout.params_tensor, scale * _LOG2E,
-            *_dropout_args(dropout))
+            *dropout_kernel_args(dropout))
     chain = blocksparse_config_chain("blocksparse_fwd", q.dtype, dim, masks.block)
     launch_kernel("blocksparse_fwd", blocksparse_fwd_kernel, lambda bm, bn: (triton.cdiv(n, bm), batch * num_q_heads),
                   args, _constexprs(masks, q.dtype, dim, dropout), q, chain, _candidates(masks.block))
@@ -127,7 +123,7 @@ def _bwd_launches(q, k, v, do, lse, delta, scale, layout, part, dtypes, dropout)
     masks = layout.masks
     dq, dk_per_q, dv_per_q = (torch.empty(q.shape, device=q.device, dtype=dtype) for dtype in dtypes)
     common = (*_head_args(q, k, layout), layout.num_tiles, layout.head_masks[part], layout.positions)
-    tail = (layout.random, layout.num_tiles, layout.params_tensor, scale, scale * _LOG2E, *_dropout_args(dropout))
+    tail = (layout.random, layout.num_tiles, layout.params_tensor, scale, scale * _LOG2E, *dropout_kernel_args(dropout))
     constexprs = _constexprs(masks, q.dtype, dim, dropout)
     launch_kernel("blocksparse_dkdv", blocksparse_bwd_dkdv_kernel,
                   lambda bm, bn: (triton.cdiv(n, bn), batch * num_q_heads),

@@ -2,8 +2,10 @@
 
 import torch
 
+from ..shared.dropout import dropout_keep, dropout_offsets
 
-def _lsh_round_torch(q, k, v, plan, r, chunk, causal, shared_qk, scale):
+
+def _lsh_round_torch(q, k, v, plan, r, chunk, causal, shared_qk, scale, dropout):
     """Round r on sorted chunks: (out_r (B, H, n, D), lse_r (B, H, n), natural log, -inf: no key) at original
     positions. Query chunk t against the keys of chunks t - 1 and t: O(n * 2c) scores, never n x n."""
     batch, heads, n, dim = q.shape
@@ -58,7 +60,11 @@ def _lsh_round_torch(q, k, v, plan, r, chunk, causal, shared_qk, scale):
     allowed[..., 0] |= ~has_keys
     scores = torch.where(allowed, scores, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
-    out = torch.matmul(torch.softmax(scores, dim=-1), values)
+    probabilities = torch.softmax(scores, dim=-1)
+    if dropout is not None:  # the pairs' Philox decisions at their original positions, the same every round
+        offsets = dropout_offsets(batch, heads, n, torch.arange(heads), pos_q, pos_k, leading=True)
+        probabilities = probabilities * (dropout_keep(dropout, offsets).to(scores.dtype) * dropout.scale)
+    out = torch.matmul(probabilities, values)
     out = torch.where(has_keys[..., None], out, 0.0)
     lse = torch.where(has_keys, lse, float("-inf"))
     # Back to original positions: position p sits at slot inverse[p].
@@ -69,12 +75,24 @@ def _lsh_round_torch(q, k, v, plan, r, chunk, causal, shared_qk, scale):
     return out, lse
 
 
-def lsh_attention_torch(q, k, v, plan, chunk, causal, shared_qk, scale):
+def lsh_attention_torch(q, k, v, plan, chunk, causal, shared_qk, scale, dropout=None):
+    """LSH attention of sorted chunks, every round, combined (ops.py states the semantics); dropout: a Dropout
+    or None."""
     rounds = plan["perm_q"].shape[2]
-    per_round = [_lsh_round_torch(q, k, v, plan, r, chunk, causal, shared_qk, scale) for r in range(rounds)]
+    per_round = [_lsh_round_torch(q, k, v, plan, r, chunk, causal, shared_qk, scale, dropout) for r in range(rounds)]
     out_r = torch.stack([out for out, _ in per_round], dim=2)  # [B, H, R, n, D]
     lse_r = torch.stack([lse for _, lse in per_round], dim=2)  # [B, H, R, n]
-    return lsh_combine_rounds(out_r, lse_r, v if shared_qk else None)
+    own_values = None
+    if shared_qk:  # the self rule's fallback v_i, dropped by pair (i, i)
+        own_values = v if dropout is None else v * lsh_self_weight(dropout, *q.shape[:3], q.device, v.dtype)
+    return lsh_combine_rounds(out_r, lse_r, own_values)
+
+
+def lsh_self_weight(dropout, batch, heads, n, device, dtype=torch.float32):
+    """The self rule's fallback weight on v_i, (batch, heads, n, 1) in dtype: pair (i, i)'s dropout multiplier."""
+    i = torch.arange(n, device=device)
+    keep = dropout_keep(dropout, dropout_offsets(batch, heads, n, torch.arange(heads, device=device), i, i))
+    return (keep.to(dtype) * dropout.scale)[..., None]
 
 
 def lsh_combine_rounds(out_r, lse_r, own_values=None):

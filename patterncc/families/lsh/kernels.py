@@ -9,7 +9,9 @@ round (same bucket, key chunk = query chunk or the one before) iff code_i - code
 buckets differ by at least 3). count_ij = the number of rounds with that property. Round r scores allowed pairs
 s2 = q.k * scale * log2(e) - log2(count_ij) (the duplicate correction), in the log2 domain; its LSE stores
 m + log2(l) per row, -inf for a row with no key in that round. The backward kernels take the FINAL LSE over
-all rounds, +inf for rows without any key, so every exp2(s2 - LSE) of such a row is 0.
+all rounds, +inf for rows without any key, so every exp2(s2 - LSE) of such a row is 0. Attention dropout
+(DROPOUT) multiplies pair (i, j)'s probability by its Philox keep decision in every round that holds the pair,
+so the rounds' combination drops the pair once, as dropout of the final attention weights.
 Prefixes: b_ block values, p_ pointers, o_ offsets, m_ masks.
 """
 
@@ -23,6 +25,7 @@ from ..shared.kernels import (
     load_rows_t,
     online_softmax_finish,
     online_softmax_update,
+    pair_dropout,
     row_block,
     softmax_bwd_kv,
     softmax_bwd_q,
@@ -82,13 +85,14 @@ def lsh_slots(start, n_ctx, PERM, CODE, round_base, SIZE: tl.constexpr):
 def lsh_fwd_kernel(
         Q, K, V, O, LSE, PERM_Q, PERM_K, CODE_Q, CODE_K,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-        n_ctx, num_heads, chunk, sm_scale_log2,
+        n_ctx, num_heads, chunk, sm_scale_log2, seed, dropout_threshold, dropout_scale,
         HEAD_DIM: tl.constexpr, ROUNDS: tl.constexpr, CAUSAL: tl.constexpr, SHARED_QK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     # One program per (tile of BLOCK_M sorted query slots, batch x head x round); a 1-D grid, since
     # batch x heads x rounds can pass CUDA's 65535 limit on the second axis. Writes this round's output and LSE
     # at the queries' original positions of O [B*H*R, n, HEAD_DIM] and LSE [B*H*R, n] (float32).
     pid_m, bh, b, h, round_base, heads_base = lsh_program(n_ctx, num_heads, BLOCK_M, ROUNDS)
+    row_base = bh.to(tl.int64) * n_ctx  # dropout's pairs are keyed by (batch x head, i, j), the same every round
 
     m0 = pid_m * BLOCK_M
     o_i, m_m, b_code_i = lsh_slots(m0, n_ctx, PERM_Q, CODE_Q, round_base, BLOCK_M)
@@ -120,7 +124,9 @@ def lsh_fwd_kernel(
                                    m_n[None, :], ROUNDS)
             b_s = b_s - tl.math.log2(tl.maximum(count, 1).to(tl.float32))
         b_s = tl.where(m_allowed, b_s, float("-inf"))
-        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, b_s, b_v, 1.0, DOT_PRECISION)
+        b_drop = pair_dropout(seed, dropout_threshold, dropout_scale, row_base, o_i[:, None], o_j[None, :], n_ctx,
+                              DROPOUT)
+        acc, l_i, m_i = online_softmax_update(acc, l_i, m_i, b_s, b_v, b_drop, DOT_PRECISION)
 
     acc, b_lse = online_softmax_finish(acc, l_i, m_i, float("-inf"))
     p_o = row_block(O + round_base * HEAD_DIM, o_i, HEAD_DIM, HEAD_DIM)
@@ -133,9 +139,9 @@ def lsh_bwd_dkdv_kernel(
         Q, K, V, DO, DK, DV, LSE, DELTA, PERM_Q, PERM_K, CODE_Q, CODE_K,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_dob, stride_doh, stride_don,
-        n_ctx, num_heads, chunk, sm_scale, sm_scale_log2,
+        n_ctx, num_heads, chunk, sm_scale, sm_scale_log2, seed, dropout_threshold, dropout_scale,
         HEAD_DIM: tl.constexpr, ROUNDS: tl.constexpr, CAUSAL: tl.constexpr, SHARED_QK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     # One program per (tile of BLOCK_N sorted key slots, batch x head x round): this round's share of dK and dV,
     # written at the keys' original positions of DK, DV [B*H*R, n, HEAD_DIM] (float32); the launcher sums the
     # rounds, so no atomics and a deterministic result. LSE and DELTA [B*H, n] are over all rounds.
@@ -173,7 +179,9 @@ def lsh_bwd_dkdv_kernel(
                                     m_n[:, None], ROUNDS)
             b_sT = b_sT - tl.math.log2(tl.maximum(countT, 1).to(tl.float32))
         b_pT = tl.where(m_allowedT, tl.math.exp2(b_sT - b_lse[None, :]), 0.0)
-        dk, dv = softmax_bwd_kv(dk, dv, b_pT, 1.0, b_q, b_v, b_do, b_delta, DOT_PRECISION)
+        b_dropT = pair_dropout(seed, dropout_threshold, dropout_scale, row_base, o_i[None, :], o_j[:, None], n_ctx,
+                               DROPOUT)
+        dk, dv = softmax_bwd_kv(dk, dv, b_pT, b_dropT, b_q, b_v, b_do, b_delta, DOT_PRECISION)
 
     tl.store(row_block(DK + round_base * HEAD_DIM, o_j, HEAD_DIM, HEAD_DIM), dk * sm_scale, mask=m_n[:, None])
     tl.store(row_block(DV + round_base * HEAD_DIM, o_j, HEAD_DIM, HEAD_DIM), dv, mask=m_n[:, None])
@@ -184,9 +192,9 @@ def lsh_bwd_dq_kernel(
         Q, K, V, DO, DQ, LSE, DELTA, PERM_Q, PERM_K, CODE_Q, CODE_K,
         stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_dob, stride_doh, stride_don,
-        n_ctx, num_heads, chunk, sm_scale, sm_scale_log2,
+        n_ctx, num_heads, chunk, sm_scale, sm_scale_log2, seed, dropout_threshold, dropout_scale,
         HEAD_DIM: tl.constexpr, ROUNDS: tl.constexpr, CAUSAL: tl.constexpr, SHARED_QK: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     # As the forward kernel, for this round's share of dQ (DQ [B*H*R, n, HEAD_DIM], float32, summed by the
     # launcher).
     pid_m, bh, b, h, round_base, heads_base = lsh_program(n_ctx, num_heads, BLOCK_M, ROUNDS)
@@ -221,7 +229,9 @@ def lsh_bwd_dq_kernel(
                                    m_n[None, :], ROUNDS)
             b_s = b_s - tl.math.log2(tl.maximum(count, 1).to(tl.float32))
         b_p = tl.where(m_allowed, tl.math.exp2(b_s - b_lse[:, None]), 0.0)
-        dq = softmax_bwd_q(dq, b_p, 1.0, b_k, b_vT, b_do, b_delta, DOT_PRECISION)
+        b_drop = pair_dropout(seed, dropout_threshold, dropout_scale, row_base, o_i[:, None], o_j[None, :], n_ctx,
+                              DROPOUT)
+        dq = softmax_bwd_q(dq, b_p, b_drop, b_k, b_vT, b_do, b_delta, DOT_PRECISION)
 
     p_dq = row_block(DQ + round_base * HEAD_DIM, o_i, HEAD_DIM, HEAD_DIM)
     tl.store(p_dq, dq * sm_scale, mask=m_m[:, None])

@@ -15,6 +15,10 @@ Semantics (docs/hashed-heads.md says the same for users). Inputs q, k, v: (B, H,
 - Duplicates: count_ij = the number of rounds whose window holds j for i (same bucket and chunk rule in that
   round). Round r scores s_ij - log(count_ij) and gives out_r, lse_r; the result is sum_r exp(lse_r - LSE) out_r
   with LSE = logsumexp_r lse_r: exactly softmax attention over the union of all rounds' windows.
+- Attention dropout (optional): pair (i, j) of batch b and head h is kept by the Philox decision of
+  patterncc/families/shared/dropout.py at counter ((b * H + h) * n + i) * n + j, the same in every round, and
+  kept probabilities are scaled by 1 / (1 - p): dropout of the final attention weights (the LSE is unchanged).
+  The self rule's fallback weight on v_i is dropped by pair (i, i).
 - Scores and softmax in float32 (float64 inputs: float64 on the CPU path). Buckets are not differentiable;
   gradients flow through the attention to q, k, v (with shared_qk, through F.normalize into q).
 Memory beyond q, k, v: O(n * R) int32 (permutations, their inverses, buckets, window codes) and O(n * R * D)
@@ -25,6 +29,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..shared.dropout import dropout_kernel_args
 from ..shared.heads import attention_scale, empty_batch_output, heads_of, per_q_head
 from ..shared.launch import (
     AOT_DTYPES,
@@ -39,7 +44,7 @@ from ..shared.launch import (
     launch_kernel,
     uses_triton,
 )
-from .cpu import lsh_attention_torch
+from .cpu import lsh_attention_torch, lsh_self_weight
 
 try:
     import triton
@@ -145,33 +150,35 @@ def _lsh_combine_log2(out_r, lse_r):
     return out, lse
 
 
-def _lsh_constexprs(q, rounds, causal, shared_qk):
+def _lsh_constexprs(q, rounds, causal, shared_qk, dropout):
     return {"HEAD_DIM": q.shape[-1], "ROUNDS": rounds, "CAUSAL": bool(causal), "SHARED_QK": bool(shared_qk),
-                "DOT_PRECISION": dot_precision(q.dtype)}
+            "DOT_PRECISION": dot_precision(q.dtype), "DROPOUT": dropout is not None}
 
 
-def _lsh_fwd(q, k, v, plan, chunk, causal, shared_qk, scale):
+def _lsh_fwd(q, k, v, plan, chunk, causal, shared_qk, scale, dropout):
     batch, heads, n, dim = q.shape
     rounds = plan["perm_q"].shape[2]
     out_r = torch.empty(batch, heads, rounds, n, dim, device=q.device, dtype=torch.float32)
     lse_r = torch.empty(batch, heads, rounds, n, device=q.device, dtype=torch.float32)
     args = (q, k, v, out_r, lse_r, plan["perm_q"], plan["perm_k"], plan["code_q"], plan["code_k"],
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], n, heads, chunk, scale * _LSH_LOG2E)
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], n, heads, chunk, scale * _LSH_LOG2E,
+            *dropout_kernel_args(dropout))
     launch_kernel("lsh_fwd", lsh_fwd_kernel, lambda bm, bn: (triton.cdiv(n, bm) * batch * heads * rounds,), args,
-            _lsh_constexprs(q, rounds, causal, shared_qk), q, lsh_config_chain("lsh_fwd", q.dtype, dim),
-            _LSH_CANDIDATES)
+                  _lsh_constexprs(q, rounds, causal, shared_qk, dropout), q, lsh_config_chain("lsh_fwd", q.dtype, dim),
+                  _LSH_CANDIDATES)
     return _lsh_combine_log2(out_r, lse_r)
 
 
-def _lsh_bwd(q, k, v, out, lse, do, plan, chunk, causal, shared_qk, scale):
+def _lsh_bwd(q, k, v, out, lse, do, plan, chunk, causal, shared_qk, scale, dropout):
     batch, heads, n, dim = q.shape
     rounds = plan["perm_q"].shape[2]
     delta = (out.float() * do.float()).sum(-1)  # rowsum(dO * O) of the final output, [B, H, n]
     dq_r = torch.empty(batch, heads, rounds, n, dim, device=q.device, dtype=torch.float32)
     dk_r, dv_r = torch.empty_like(dq_r), torch.empty_like(dq_r)
     common = (plan["perm_q"], plan["perm_k"], plan["code_q"], plan["code_k"], *q.stride()[:3], *k.stride()[:3],
-              *v.stride()[:3], *do.stride()[:3], n, heads, chunk, scale, scale * _LSH_LOG2E)
-    constexprs = _lsh_constexprs(q, rounds, causal, shared_qk)
+              *v.stride()[:3], *do.stride()[:3], n, heads, chunk, scale, scale * _LSH_LOG2E,
+              *dropout_kernel_args(dropout))
+    constexprs = _lsh_constexprs(q, rounds, causal, shared_qk, dropout)
     tiles = batch * heads * rounds
     launch_kernel("lsh_dkdv", lsh_bwd_dkdv_kernel, lambda bm, bn: (triton.cdiv(n, bn) * tiles,),
             (q, k, v, do, dk_r, dv_r, lse, delta, *common), constexprs, q,
@@ -187,29 +194,32 @@ class _LshTritonAttention(torch.autograd.Function):
     outside, so autograd carries dk into dq) and a precomputed plan of int32 permutations and window codes."""
 
     @staticmethod
-    def forward(ctx, q, k, v, perm_q, perm_k, code_q, code_k, chunk, causal, shared_qk, scale):
+    def forward(ctx, q, k, v, perm_q, perm_k, code_q, code_k, chunk, causal, shared_qk, scale, dropout):
         plan = {"perm_q": perm_q, "perm_k": perm_k, "code_q": code_q, "code_k": code_k}
-        out, lse = _lsh_fwd(q, k, v, plan, chunk, causal, shared_qk, scale)
+        out, lse = _lsh_fwd(q, k, v, plan, chunk, causal, shared_qk, scale, dropout)
         has_keys = lse > float("-inf")
-        if shared_qk:
-            out = torch.where(has_keys[..., None], out, v.float())  # the self rule's fallback: v_i
+        self_weight = None
+        if shared_qk:  # the self rule's fallback: v_i (times pair (i, i)'s dropout multiplier)
+            self_weight = (torch.ones(*q.shape[:3], 1, device=q.device) if dropout is None
+                           else lsh_self_weight(dropout, *q.shape[:3], q.device))
+            out = torch.where(has_keys[..., None], out, v.float() * self_weight)
         out = out.to(q.dtype)
         # +inf makes every exp2(s - LSE) of a row without keys 0 in the backward kernels.
         lse = torch.where(has_keys, lse, torch.full_like(lse, float("inf")))
-        ctx.save_for_backward(q, k, v, out, lse, perm_q, perm_k, code_q, code_k)
-        ctx.params = (chunk, causal, shared_qk, scale)
+        ctx.save_for_backward(q, k, v, out, lse, perm_q, perm_k, code_q, code_k, self_weight)
+        ctx.params = (chunk, causal, shared_qk, scale, dropout)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse, perm_q, perm_k, code_q, code_k = ctx.saved_tensors
-        chunk, causal, shared_qk, scale = ctx.params
+        q, k, v, out, lse, perm_q, perm_k, code_q, code_k, self_weight = ctx.saved_tensors
+        chunk, causal, shared_qk, scale, dropout = ctx.params
         plan = {"perm_q": perm_q, "perm_k": perm_k, "code_q": code_q, "code_k": code_k}
         do = do.contiguous()
-        dq, dk, dv = _lsh_bwd(q, k, v, out, lse, do, plan, chunk, causal, shared_qk, scale)
+        dq, dk, dv = _lsh_bwd(q, k, v, out, lse, do, plan, chunk, causal, shared_qk, scale, dropout)
         if shared_qk:
-            dv = dv + torch.where(torch.isinf(lse)[..., None], do.float(), torch.zeros_like(dv))
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None, None, None
+            dv = dv + torch.where(torch.isinf(lse)[..., None], do.float() * self_weight, torch.zeros_like(dv))
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *[None] * 9
 
 
 # Public entry points ---------------------------------------------------------------------------------------------
@@ -234,13 +244,14 @@ def _lsh_check(q, k, v, rotations, chunk, shared_qk, backend):
         check_triton_inputs(q, TRITON_HEAD_DIMS)
 
 
-def lsh_attention(q, k, v, rotations, chunk, causal, shared_qk, scale=None, backend="auto"):
+def lsh_attention(q, k, v, rotations, chunk, causal, shared_qk, scale=None, backend="auto", dropout=None):
     """Reformer LSH attention (the semantics are stated at the top of this section).
 
     q, k, v: (batch, heads, n, head_dim), one shape (k is ignored with shared_qk); rotations: (heads, rounds,
     head_dim, buckets // 2) from `lsh_rotations`; chunk: slots per chunk of the sorted order; scale defaults to
     1/sqrt(head_dim). backend: "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "torch" (plain torch, any
-    device) or "auto" (Triton on CUDA, torch otherwise). Returns (batch, heads, n, head_dim) in q's dtype.
+    device) or "auto" (Triton on CUDA, torch otherwise). dropout: a Dropout (patterncc/families/shared/dropout.py)
+    or None. Returns (batch, heads, n, head_dim) in q's dtype.
 
         rotations = lsh_rotations(8, 4, 64, 64, seed=1)
         out = lsh_attention(q, None, v, rotations, chunk=64, causal=True, shared_qk=True)
@@ -257,25 +268,27 @@ def lsh_attention(q, k, v, rotations, chunk, causal, shared_qk, scale=None, back
         k = torch.nn.functional.normalize(q.float(), dim=-1).to(q.dtype) if shared_qk else k
         k = k if k.stride(-1) == 1 else k.contiguous()
         return _LshTritonAttention.apply(q, k, v, plan["perm_q"], plan["perm_k"], plan["code_q"], plan["code_k"],
-                                         chunk, bool(causal), bool(shared_qk), float(scale))
+                                         chunk, bool(causal), bool(shared_qk), float(scale), dropout)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, vc = q.to(compute), v.to(compute)
     kc = torch.nn.functional.normalize(qc, dim=-1) if shared_qk else k.to(compute)
-    out = lsh_attention_torch(qc, kc, vc, plan, chunk, bool(causal), bool(shared_qk), float(scale))
+    out = lsh_attention_torch(qc, kc, vc, plan, chunk, bool(causal), bool(shared_qk), float(scale), dropout)
     return out.to(q.dtype)
 
 
-def lsh_aot_specs(dtype="fp16", head_dim=64, rounds=4, causal=True, shared_qk=True, kernels=None):
+def lsh_aot_specs(dtype="fp16", head_dim=64, rounds=4, causal=True, shared_qk=True, kernels=None, dropout=False):
     """For every LSH kernel: (name, kernel, signature, [(constexprs, options) per config of its chain]), as
     `patterncc.aot`. rounds, causal and shared_qk are constexprs of the kernels: pass the pattern's values.
-    `kernels` maps names to the kernels to compile (default: this module's)."""
+    `kernels` maps names to the kernels to compile (default: this module's); dropout: the variant with attention
+    dropout."""
     kernels = kernels or {"lsh_fwd": lsh_fwd_kernel, "lsh_dkdv": lsh_bwd_dkdv_kernel, "lsh_dq": lsh_bwd_dq_kernel}
     torch_dtype = AOT_DTYPES[dtype]
     pointers = dict(O="*fp32", LSE="*fp32", DK="*fp32", DV="*fp32", DQ="*fp32", DELTA="*fp32", PERM_Q="*i32",
                     PERM_K="*i32", CODE_Q="*i32", CODE_K="*i32")
     constexprs = dict(HEAD_DIM=head_dim, ROUNDS=rounds, CAUSAL=bool(causal), SHARED_QK=bool(shared_qk),
-                      DOT_PRECISION=dot_precision(torch_dtype))
-    return [(name, kernel, aot_signature(kernel, dtype, pointers, floats=("sm_scale", "sm_scale_log2")),
+                      DOT_PRECISION=dot_precision(torch_dtype), DROPOUT=bool(dropout))
+    return [(name, kernel, aot_signature(kernel, dtype, pointers, floats=("sm_scale", "sm_scale_log2", "dropout_scale"),
+                                         int64s=("seed",)),
              aot_configs(lsh_config_chain(name, torch_dtype, head_dim), constexprs))
             for name, kernel in kernels.items()]
 
@@ -300,12 +313,14 @@ def lsh_call_buffer(call, head_dim):
     return torch.stack([drawn[seed][h] for seed, h in call.draws])
 
 
-def lsh_heads_attention(q, k, v, calls, buffers, num_heads, causal, scale, backend):
-    """[(pattern heads, output)] for each hashed call of a module with `num_heads` pattern heads."""
+def lsh_heads_attention(q, k, v, calls, buffers, num_heads, causal, scale, backend, dropout=None):
+    """[(pattern heads, output)] for each hashed call of a module with `num_heads` pattern heads. dropout: the
+    module call's Dropout or None; hashed call c draws from its stream c + 1 (the set heads' is 0)."""
     pieces = []
-    for call in calls:
+    for index, call in enumerate(calls):
         q_part, k_part, v_part = heads_of(q, k, v, call.heads, num_heads, expand_kv=True)
         rotations = per_q_head(buffers[call.buffer], q, num_heads)
         pieces.append((call.heads, lsh_attention(q_part, k_part, v_part, rotations, call.chunk, causal,
-                                                 call.shared_qk, scale, backend)))
+                                                 call.shared_qk, scale, backend,
+                                                 dropout.stream(index + 1) if dropout is not None else None)))
     return pieces

@@ -27,6 +27,21 @@ class Dropout:
         self.threshold = min(round(self.p * 2**31), 2**31 - 1)
         self.scale = 1.0 / (1.0 - self.p)
 
+    def stream(self, index):
+        """The same p under Philox key number `index` of this call's seed (0: the seed itself): families of one
+        module number their heads from 0 each, so each family (and each hashed call) draws from a stream of its
+        own instead of dropping the same pairs as another family's head of the same number."""
+        return Dropout(self.p, (self.seed + index * _STREAM_STEP) % 2**62)
+
+
+# Odd and with mixed bits (2^64 / golden ratio, truncated): consecutive streams' keys share no structure.
+_STREAM_STEP = 0x9E3779B97F4A7C15
+
+
+def dropout_kernel_args(dropout):
+    """The kernels' (seed, threshold, keep scale): unused (and constant) without dropout."""
+    return (0, 0, 1.0) if dropout is None else (dropout.seed, dropout.threshold, dropout.scale)
+
 
 def _mul_parts(a, b):
     """(high, low) 32 bits of a * b for 32-bit unsigned a (tensor) and b (int), in int64 without overflow."""
@@ -59,23 +74,25 @@ def dropout_keep(dropout, offset):
     return folded >= dropout.threshold
 
 
-def dropout_offsets(batch, heads, n, head_index, rows, cols):
+def dropout_offsets(batch, heads, n, head_index, rows, cols, leading=False):
     """Counter offsets ((b * heads + h) * n + i) * n + j broadcast over [batch, len(head_index), *rows/cols]:
-    head_index the query heads (1-D), rows and cols original positions broadcast against each other."""
-    b = torch.arange(batch, dtype=torch.int64).view(batch, 1, *([1] * max(rows.dim(), cols.dim())))
-    h = torch.as_tensor(head_index, dtype=torch.int64).view(1, -1, *([1] * max(rows.dim(), cols.dim())))
+    head_index the query heads (1-D), rows and cols original positions broadcast against each other; leading:
+    rows and cols already start with those [batch, heads] dims (positions that differ per batch and head)."""
+    extra = max(rows.dim(), cols.dim()) - (2 if leading else 0)
+    b = torch.arange(batch, dtype=torch.int64, device=rows.device).view(batch, 1, *([1] * extra))
+    h = torch.as_tensor(head_index, dtype=torch.int64, device=rows.device).view(1, -1, *([1] * extra))
     return ((b * heads + h) * n + rows.to(torch.int64)) * n + cols.to(torch.int64)
 
 
 def check_dropout(dropout_p, head_families, name="dropout_p"):
-    """A ValueError unless dropout_p is a number in [0, 1) and, when it is not 0, every head is a set head (the
-    only family that implements dropout); `name` is the argument's name in the message."""
+    """A ValueError unless dropout_p is a number in [0, 1) and, when it is not 0, the pattern has no kernel heads
+    (linear attention forms no attention probabilities to drop); `name` is the argument's name in the message."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"{name} must be a number in [0, 1), got {dropout_p!r}")
-    others = sorted({family for family in head_families if family != "set"})
-    if dropout_p and others:
-        raise ValueError(f"{name}={dropout_p}: attention dropout is implemented for set heads only, and this "
-                         f"pattern has {' and '.join(others)} heads")
+    if dropout_p and "kernel" in head_families:
+        raise ValueError(f"{name}={dropout_p}: attention dropout is implemented for set and hashed heads; kernel "
+                         f"heads (linear attention) form no attention probabilities to drop, and this pattern has "
+                         f"kernel heads")
 
 
 def dropout_seed(dropout_p, head_families):
