@@ -77,14 +77,19 @@ def test_export_with_dynamic_length(example, strict):
     n = torch.export.Dim("n", min=2, max=4096)
     exported = torch.export.export(attn, tuple(_inputs(attn, 130)), dynamic_shapes=({2: n}, {2: n}, {2: n}),
                                    strict=strict)
-    calls = [node.target for node in exported.graph.nodes if node.op == "call_function"]
-    assert [str(c) for c in calls] == [f"patterncc_{attn_key(attn)}.attention.default"], calls
+    calls = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert [c for c in calls if "getitem" not in c] == [f"patterncc_{attn_key(attn)}.{operator(attn)}.default"], calls
     q, k, v = _inputs(attn, 200)
     torch.testing.assert_close(exported.module()(q, k, v), attn(q, k, v), rtol=1e-12, atol=1e-12)
 
 
 def attn_key(attn):
     return sys.modules[type(attn).__module__].PATTERN_KEY
+
+
+def operator(attn):
+    """The traced operator: set-head modules' returns the log-sum-exp its backward takes (no recomputed forward)."""
+    return "attention_lse" if set(attn.head_families) == {"set"} else "attention"
 
 
 def test_compile_before_buffers_are_drawn_says_how():
@@ -141,3 +146,34 @@ def test_operators_pass_opcheck(example):
     if not buffers:  # set heads: attention dropout, its seed an input of the operator
         seed = torch.tensor(1234, dtype=torch.int64)
         torch.library.opcheck(module.ATTENTION_OP, (q, k, v, HEAD_DIM ** -0.5, "auto", buffers, None, 0.25, seed))
+        # Set-head modules trace to the operator that returns the log-sum-exp its backward takes.
+        for dropout in ((0.0, None), (0.25, seed)):
+            torch.library.opcheck(module.ATTENTION_LSE_OP, (q, k, v, HEAD_DIM ** -0.5, "auto", *dropout))
+
+
+@pytest.mark.parametrize("name, source", [
+    ("strided-gqa", EXAMPLES_DIR / "strided.attn"),
+    ("split", "pattern p(l = 24) { causal block 16 head a = local(l) head b = stride(l) combine merged }")],
+    ids=["strided-gqa", "split"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lse_operator_backward_equals_eager(name, source, backend):
+    """The set-head operator's backward (from the forward's LSE, no recomputed forward) gives eager's gradients:
+    grouped-query attention, heads split into parts, with and without dropout; the CPU path and the kernels."""
+    attn = patterncc.load(source, l=8) if name == "strided-gqa" else patterncc.load(source)
+    module = sys.modules[type(attn).__module__]
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    heads, n = 2 * attn.num_heads, 70 if backend == "torch" else 40  # the interpreter is slow
+    q = torch.randn(2, heads, n, 16, generator=generator, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, heads // 2, n, 16, generator=generator, dtype=dtype, requires_grad=True)
+            for _ in range(2))
+    grad = torch.randn(2, heads, n, 16, generator=generator, dtype=dtype)
+    for dropout_p, seed in ((0.0, None), (0.3, torch.tensor(77))):
+        out = module.ATTENTION_LSE_OP(q, k, v, 0.25, backend, dropout_p, seed)[0]
+        via_operator = torch.autograd.grad(out, (q, k, v), grad)
+        eager = module.eager_attention(q, k, v, 0.25, backend, [], None, dropout_p, seed)
+        want = torch.autograd.grad(eager, (q, k, v), grad)
+        tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(out, eager, rtol=tolerance, atol=tolerance)
+        for got, expected in zip(via_operator, want):
+            torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)

@@ -157,43 +157,112 @@ def _share(start, stop, slots, allowed, widths):
     return CpuChunk(start, stop, True, union, None), shared
 
 
+class _MaskRows(NamedTuple):
+    """One mask's query heads in the CPU plan's order: rows permuted to the visiting order and padded to whole
+    tiles (q scaled), key slots gathered through `keys`; `rows` and `positions` move other per-row tensors in and
+    out of that order."""
+
+    plan: CpuPlan
+    q_tiles: torch.Tensor  # [batch, heads, tiles, block, d]
+    km: torch.Tensor  # [batch, heads, tiles x block, d]
+    vm: torch.Tensor
+
+    def keys(self, slots):
+        """(k, v) [batch, heads, *slots.shape, d] of key slots (int64)."""
+        batch, heads, _, dim = self.km.shape
+        return tuple(x.index_select(2, slots.reshape(-1)).reshape(batch, heads, *slots.shape, dim)
+                     for x in (self.km, self.vm))
+
+    def rows(self, x):
+        """Per-row x [batch, heads, n, ...] -> the plan's order, padded, [batch, heads, tiles, block, ...]."""
+        return _plan_rows(self.plan, *self.q_tiles.shape[2:4], x)
+
+    def positions(self, x, n):
+        """Per-slot x [batch, heads, tiles x block, ...] in the plan's order -> original positions, [:, :, :n]."""
+        if PERMUTED_ORDERS and self.plan.positions is not None:
+            return x[:, :, torch.argsort(self.plan.positions)]
+        return x[:, :, :n]
+
+
+def _plan_rows(plan, tiles, block, x):
+    if PERMUTED_ORDERS and plan.positions is not None:
+        x = x[:, :, plan.positions]
+    pad = tiles * block - x.shape[2]
+    if pad:
+        x = torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], pad, *x.shape[3:])], dim=2)
+    return x.reshape(x.shape[0], x.shape[1], tiles, block, *x.shape[3:])
+
+
+def _mask_rows(q, k, v, scale, layout, mask, heads, q_per_kv):
+    """_MaskRows of query heads `heads` (q's), which share mask `mask`."""
+    plan = cpu_gather(layout, mask)
+    head_index = torch.tensor(heads, device=q.device)
+    tiles, block = layout.num_tiles, layout.masks.block
+    km, vm = (_plan_rows(plan, tiles, block, x[:, head_index // q_per_kv]).flatten(2, 3) for x in (k, v))
+    return _MaskRows(plan, _plan_rows(plan, tiles, block, q[:, head_index] * scale), km, vm)
+
+
 def _cpu_attention_mask(q, k, v, scale, layout, mask, heads, q_per_kv, with_lse=False, dropout=None):
     """Attention for the query heads `heads`, which share mask `mask`: per query tile (or per chunk of query
     tiles sharing their keys), gather the key rows its rows may see, masked softmax, weighted sum. With_lse:
     (output, natural log-sum-exp per row, -inf for a row with no allowed key). dropout: a Dropout or None (the
     LSE is that of the probabilities before dropout, as the kernels')."""
-    plan = cpu_gather(layout, mask)
-    n, t, block = layout.n, layout.num_tiles, layout.masks.block
-    batch, dim = q.shape[0], q.shape[-1]
-    head_index = torch.tensor(heads, device=q.device)
-    qm, km, vm = q[:, head_index] * scale, k[:, head_index // q_per_kv], v[:, head_index // q_per_kv]
-    if PERMUTED_ORDERS and plan.positions is not None:
-        qm, km, vm = qm[:, :, plan.positions], km[:, :, plan.positions], vm[:, :, plan.positions]
-    pad = t * block - n
-    if pad:
-        qm, km, vm = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (qm, km, vm))
-    hm = len(heads)
-    q_tiles = qm.reshape(batch, hm, t, block, dim)
-
-    def keys(slots):
-        return tuple(x.index_select(2, slots.reshape(-1)).reshape(batch, hm, *slots.shape, dim) for x in (km, vm))
+    rows = _mask_rows(q, k, v, scale, layout, mask, heads, q_per_kv)
+    plan, n, block = rows.plan, layout.n, layout.masks.block
+    batch, hm, t = rows.q_tiles.shape[:3]
 
     def drop(first, last, key_slots):
         return _dropout(dropout, q, heads, plan, first * block, last * block, key_slots, n)
 
-    pieces = attend_tiles(plan, [(0, t)], lambda first, last: q_tiles[:, :, first:last], keys, batch * hm, block,
-                          with_lse, drop if dropout is not None else None)
+    pieces = attend_tiles(plan, [(0, t)], lambda first, last: rows.q_tiles[:, :, first:last], rows.keys,
+                          batch * hm, block, with_lse, drop if dropout is not None else None)
     out = torch.cat([out for _, _, out, _ in pieces], dim=2) * plan.has_keys.to(q.dtype)  # no key: 0, gradient 0
-    out = out.reshape(batch, hm, t * block, dim)[:, :, :n]
-    if with_lse:
-        lse = torch.cat([lse for _, _, _, lse in pieces], dim=2).masked_fill(plan.has_keys == 0, float("-inf"))
-        lse = lse.reshape(batch, hm, t * block)[:, :, :n]
-    if PERMUTED_ORDERS and plan.positions is not None:
-        unpermute = torch.argsort(plan.positions)
-        out = out[:, :, unpermute]
-        if with_lse:
-            lse = lse[:, :, unpermute]
-    return (out, lse) if with_lse else out
+    out = rows.positions(out.flatten(2, 3), n)
+    if not with_lse:
+        return out
+    lse = torch.cat([lse for _, _, _, lse in pieces], dim=2).masked_fill(plan.has_keys == 0, float("-inf"))
+    return out, rows.positions(lse.flatten(2, 4), n)
+
+
+def _cpu_attention_mask_backward(q, k, v, scale, layout, mask, heads, q_per_kv, lse, grad, delta, dropout=None):
+    """The gradients of _cpu_attention_mask's output for query heads `heads`, without autograd and without its
+    saved probabilities (FlashAttention's backward on the CPU plan): (dq, dk, dv), each [batch, len(heads), n, d]
+    (dk, dv per query head; the caller sums a kv head's). lse [batch, heads, n]: the head's final natural
+    log-sum-exp per row (a split head's over all its parts, so the parts' gradients add up); grad: dO; delta:
+    rowsum(dO * O) of the final output. P = exp(s - lse) is recomputed per step; dV = (P * drop)^T dO,
+    dS = P * (dP * drop - delta), dQ = dS K * scale, dK = dS^T (Q * scale)."""
+    rows = _mask_rows(q, k, v, scale, layout, mask, heads, q_per_kv)
+    plan, n, block = rows.plan, layout.n, layout.masks.block
+    batch, hm, t = rows.q_tiles.shape[:3]
+    head_index = torch.tensor(heads, device=q.device)
+    # A row with no key under this mask (its dummy key included) gets P = 0: LSE +inf.
+    lse_tiles = rows.rows(lse[:, head_index][..., None]).masked_fill(plan.has_keys == 0, float("inf"))
+    do_tiles, delta_tiles = rows.rows(grad[:, head_index]), rows.rows(delta[:, head_index][..., None])
+    dq, dk, dv = (torch.zeros_like(x) for x in (rows.q_tiles.flatten(2, 3), rows.km, rows.vm))
+    for chunk, first, last, (k_chunk, v_chunk) in _chunk_steps(plan, [(0, t)], batch * hm, block, rows.keys):
+        local = slice(first - chunk.start, last - chunk.start)
+        q_step, do_step = rows.q_tiles[:, :, first:last], do_tiles[:, :, first:last]
+        lse_step, delta_step = lse_tiles[:, :, first:last], delta_tiles[:, :, first:last]
+        if chunk.shared:  # one key list for the step's rows: [b, h, rows, d] against [b, h, w, d]
+            q_step, do_step, lse_step, delta_step = (x.flatten(2, 3) for x in (q_step, do_step, lse_step,
+                                                                                 delta_step))
+            slots, blocked = chunk.slots, chunk.blocked[local].flatten(0, 1)
+            key_slots = slots.view(1, -1)
+        else:  # per tile: [b, h, tiles, block, d] against [b, h, tiles, w, d]
+            slots, blocked = chunk.slots[local], chunk.blocked[local]
+            k_chunk, v_chunk = rows.keys(slots)
+            key_slots = slots[:, None, :]
+        scores = torch.matmul(q_step, k_chunk.transpose(-1, -2)).masked_fill_(blocked, float("-inf"))
+        probabilities = scores.sub_(lse_step).exp_()
+        drop = _dropout(dropout, q, heads, plan, first * block, last * block, key_slots, n)
+        dv_slots = torch.matmul((probabilities if drop is None else probabilities * drop).transpose(-1, -2), do_step)
+        dp = torch.matmul(do_step, v_chunk.transpose(-1, -2))
+        ds = (dp if drop is None else dp.mul_(drop)).sub_(delta_step).mul_(probabilities)
+        dq[:, :, first * block:last * block] = torch.matmul(ds, k_chunk).reshape(batch, hm, -1, q.shape[-1])
+        dk_slots = torch.matmul(ds.transpose(-1, -2), q_step)
+        dk.index_add_(2, slots.reshape(-1), dk_slots.reshape(batch, hm, -1, q.shape[-1]))
+        dv.index_add_(2, slots.reshape(-1), dv_slots.reshape(batch, hm, -1, q.shape[-1]))
+    return rows.positions(dq * scale, n), rows.positions(dk, n), rows.positions(dv, n)
 
 
 def attend_tiles(plan, ranges, queries, keys, batch_heads, block, with_lse, drop=None):
@@ -206,21 +275,28 @@ def attend_tiles(plan, ranges, queries, keys, batch_heads, block, with_lse, drop
     plan.has_keys. The single-process CPU path and context parallel (patterncc.distributed, whose keys come from
     several ranks) share this loop."""
     pieces = []
+    for chunk, first, last, shared_keys in _chunk_steps(plan, ranges, batch_heads, block, keys):
+        pieces.append((first, last, *_attend_chunk(chunk, queries(first, last), first, last, *shared_keys, keys,
+                                                    with_lse, drop)))
+    return pieces
+
+
+def _chunk_steps(plan, ranges, batch_heads, block, keys):
+    """The tile loop of attend_tiles and of the backward pass: (chunk, first, last, (k, v) of a shared chunk's
+    keys or (None, None)) for each step of query tiles first..last - 1, each step at most _SCORES_PER_STEP
+    scores; a shared chunk's keys are gathered once."""
     for chunk in plan.chunks:
         w = chunk.blocked.shape[-1]
-        k_chunk = None
+        shared_keys = (None, None)
+        step = max(1, _SCORES_PER_STEP // (batch_heads * block * w))
         for lo, hi in ranges:
             lo, hi = max(lo, chunk.start), min(hi, chunk.stop)
             if lo >= hi:
                 continue
-            if chunk.shared and k_chunk is None:
-                k_chunk, v_chunk = keys(chunk.slots)  # [b, h, w, d]
-            step = max(1, _SCORES_PER_STEP // (batch_heads * block * w))
+            if chunk.shared and shared_keys[0] is None:
+                shared_keys = keys(chunk.slots)  # [b, h, w, d]
             for first in range(lo, hi, step):
-                last = min(first + step, hi)
-                pieces.append((first, last, *_attend_chunk(chunk, queries(first, last), first, last, k_chunk,
-                                                            v_chunk if chunk.shared else None, keys, with_lse, drop)))
-    return pieces
+                yield chunk, first, min(first + step, hi), shared_keys
 
 
 def _attend_chunk(chunk, rows, first, last, k_chunk, v_chunk, keys, with_lse, drop):
@@ -258,9 +334,15 @@ def _attend(scores, values, with_lse, drop=None):
     if not with_lse:
         probabilities = torch.softmax(scores, dim=-1)
         lse = None
-    else:
+    elif torch.is_grad_enabled() and scores.requires_grad:
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         probabilities = torch.exp(scores - lse)
+    else:  # no autograd (the traced operator's forward): in place, and faster than torch.logsumexp on the CPU
+        top = scores.amax(dim=-1, keepdim=True)
+        probabilities = scores.sub_(top).exp_()
+        total = probabilities.sum(dim=-1, keepdim=True)
+        probabilities.div_(total)
+        lse = top + total.log()
     if drop is not None:
         probabilities = probabilities * drop
     return torch.matmul(probabilities, values), lse
@@ -282,39 +364,79 @@ def combine_parts(parts, exp=torch.exp, log=torch.log):
     return out, torch.where(has_keys, top + log(torch.where(has_keys, total, 1.0)), float("inf"))
 
 
-def blocksparse_attention_torch(q, k, v, masks, scale, dropout=None):
+def blocksparse_attention_torch(q, k, v, masks, scale, dropout=None, with_lse=False):
     """Block-sparse attention of the heads of `masks` with torch ops, differentiable by autograd: q (batch, heads,
     n, head_dim), heads a multiple of the masks' head count; k, v with heads dividing q's. A head split into
     parts attends over each and combines them by log-sum-exp. dropout: a Dropout or None (the same pairs as the
-    kernels drop)."""
+    kernels drop). with_lse: (output, natural log-sum-exp per row [batch, heads, n]), for
+    blocksparse_torch_backward."""
     layout = masks.layout(q.shape[2], "cpu")
     q_per_kv = q.shape[1] // k.shape[1]
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
 
-    def attend_mask(mask, heads, with_lse):
-        return _cpu_attention_mask(qc, kc, vc, scale, layout, mask, heads, q_per_kv, with_lse, dropout)
+    def attend_mask(mask, heads, mask_lse):
+        return _cpu_attention_mask(qc, kc, vc, scale, layout, mask, heads, q_per_kv, mask_lse, dropout)
 
+    if with_lse:
+        out, lse = attend_mask_heads(masks, q.shape[1], attend_mask, with_lse=True)
+        return out.to(q.dtype), lse
     return attend_mask_heads(masks, q.shape[1], attend_mask).to(q.dtype)
 
 
-def attend_mask_heads(masks, num_q_heads, attend_mask):
-    """Every query head's output [batch, heads, rows, d] from per-mask attention: attend_mask(mask, query heads,
-    with_lse) -> out [batch, len(heads), rows, d] (with its LSE per row when with_lse). A head split into parts
-    combines its parts by log-sum-exp."""
+def blocksparse_torch_backward(q, k, v, out, lse, grad, masks, scale, dropout=None):
+    """(dq, dk, dv) of blocksparse_attention_torch from its output and LSE (with_lse=True) and dO, recomputing
+    each step's probabilities instead of keeping them (autograd would keep every computed pair's): what the
+    traced operator's backward runs on the CPU. Split heads: each part with the head's final LSE."""
+    layout = masks.layout(q.shape[2], "cpu")
+    batch, num_q_heads, n, dim = q.shape
+    q_per_kv = num_q_heads // k.shape[1]
+    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    qc, kc, vc, grad = q.to(compute), k.to(compute), v.to(compute), grad.to(compute)
+    delta = (grad * out.to(compute)).sum(-1)  # rowsum(dO * O), O after dropout
+    dq = torch.zeros_like(qc)
+    dk_per_q, dv_per_q = (torch.zeros(batch, num_q_heads, n, dim, dtype=compute, device=q.device) for _ in range(2))
+    for mask, heads in _heads_by_mask(masks, num_q_heads).items():
+        shares = _cpu_attention_mask_backward(qc, kc, vc, scale, layout, mask, heads, q_per_kv, lse.to(compute),
+                                              grad, delta, dropout)
+        for total, share in zip((dq, dk_per_q, dv_per_q), shares):
+            total[:, heads] += share
+    # Grouped-query attention: a kv head's gradient sums over the query heads that share it.
+    dk, dv = (x.view(batch, k.shape[1], q_per_kv, n, dim).sum(2) for x in (dk_per_q, dv_per_q))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _heads_by_mask(masks, num_q_heads):
+    """{mask: the query heads whose set head runs it} (a split head's parts are several masks)."""
     q_per_head = num_q_heads // len(masks.head_masks)
     by_mask = {}
     for head in range(num_q_heads):
         for mask in masks.head_masks[head // q_per_head]:
             by_mask.setdefault(mask, []).append(head)
+    return by_mask
+
+
+def attend_mask_heads(masks, num_q_heads, attend_mask, with_lse=False):
+    """Every query head's output [batch, heads, rows, d] from per-mask attention: attend_mask(mask, query heads,
+    with_lse) -> out [batch, len(heads), rows, d] (with its LSE per row when with_lse). A head split into parts
+    combines its parts by log-sum-exp. with_lse: (output, LSE per row [batch, heads, rows])."""
+    q_per_head = num_q_heads // len(masks.head_masks)
+    by_mask = _heads_by_mask(masks, num_q_heads)
     split = masks.num_parts > 1
-    results = {mask: attend_mask(mask, heads, split) for mask, heads in by_mask.items()}
-    per_head = []
+    results = {mask: attend_mask(mask, heads, split or with_lse) for mask, heads in by_mask.items()}
+    per_head, per_head_lse = [], []
     for head in range(num_q_heads):
         shares = [(results[mask], by_mask[mask].index(head)) for mask in masks.head_masks[head // q_per_head]]
         if split:
-            per_head.append(combine_parts([(out[:, slot], lse[:, slot]) for (out, lse), slot in shares])[0])
+            out, lse = combine_parts([(out[:, slot], lse[:, slot]) for (out, lse), slot in shares])
+        elif with_lse:
+            ((out, lse), slot), = shares
+            out, lse = out[:, slot], lse[:, slot]
         else:
             (out, slot), = shares
-            per_head.append(out[:, slot])
+            out = out[:, slot]
+        per_head.append(out)
+        per_head_lse.append(lse if with_lse else None)
+    if with_lse:
+        return torch.stack(per_head, dim=1), torch.stack(per_head_lse, dim=1)
     return torch.stack(per_head, dim=1)

@@ -19,7 +19,7 @@ from ..shared.launch import (
     launch_kernel,
     uses_triton,
 )
-from .cpu import blocksparse_attention_torch, combine_parts
+from .cpu import blocksparse_attention_torch, blocksparse_torch_backward, combine_parts
 
 try:
     import triton
@@ -174,6 +174,26 @@ def blocksparse_attention(q, k, v, masks, scale=None, backend="auto", check=True
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         return _BlocksparseTritonAttention.apply(q, k, v, scale, masks.layout(q.shape[2], q.device), dropout)
     return blocksparse_attention_torch(q, k, v, masks, scale, dropout)
+
+
+def blocksparse_attention_with_lse(q, k, v, masks, scale, backend, dropout=None):
+    """(out, lse) of blocksparse_attention on checked inputs, without autograd: the traced operator's forward,
+    whose backward (blocksparse_attention_backward) takes this LSE instead of recomputing the forward. lse [batch,
+    heads, n]: the Triton kernels' log2-sum-exp, or the CPU path's natural one (float32; float64 for float64
+    inputs); the pair is meant to be used with one backend."""
+    if uses_triton(q, backend):
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        return blocksparse_fwd(q, k, v, scale, masks.layout(q.shape[2], q.device), dropout)
+    return blocksparse_attention_torch(q, k, v, masks, scale, dropout, with_lse=True)
+
+
+def blocksparse_attention_backward(grad, q, k, v, out, lse, masks, scale, backend, dropout=None):
+    """(dq, dk, dv) from blocksparse_attention_with_lse's output and LSE: the Triton backward kernels, or the CPU
+    path's recomputing backward (families/blocksparse/cpu.py)."""
+    if uses_triton(q, backend):
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        return blocksparse_bwd(q, k, v, out, lse, grad, scale, masks.layout(q.shape[2], q.device), dropout)
+    return blocksparse_torch_backward(q, k, v, out, lse, grad, masks, scale, dropout)
 
 
 def blocksparse_aot_specs(masks, dtype="fp16", head_dim=64, kernels=None, dropout=False):

@@ -8,6 +8,9 @@ length symbolic: a new n runs the same graph and builds its layout inside the op
 
 The backward operator recomputes the forward with autograd enabled and differentiates it: exact, and every
 family's own backward runs, at the cost of one more forward pass per backward (eager calls do not pay it).
+Modules whose heads are all set heads register a second pair instead (`register_lse_attention_ops`): the forward
+returns the output and its log-sum-exp per row, and the backward takes them, as FlashAttention's does (the Triton
+backward kernels, or the CPU path's recomputing backward), so no forward is repeated.
 """
 
 import torch
@@ -76,6 +79,59 @@ def register_attention_ops(namespace, attention_fn):
 
     attention.register_autograd(backward, setup_context=setup_context)
     return ops.attention
+
+
+def register_lse_attention_ops(namespace, forward_fn, backward_fn):
+    """Register `namespace::attention_lse` (q, k, v, scale, backend, dropout_p, seed) -> (out, lse), whose
+    backward `namespace::attention_lse_backward` takes the saved output and LSE, once per namespace, and return
+    the forward operator. forward_fn(q, k, v, scale, backend, dropout_p, seed) -> (out, lse [batch, heads, n],
+    float32, or float64 for float64 inputs); backward_fn(grad_out, q, k, v, out, lse, scale, backend, dropout_p,
+    seed) -> (dq, dk, dv)."""
+    ops = getattr(torch.ops, namespace)
+    if hasattr(ops, "attention_lse"):
+        return ops.attention_lse
+
+    @torch.library.custom_op(f"{namespace}::attention_lse", mutates_args=())
+    def attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, backend: str,
+                      dropout_p: float, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            out, lse = forward_fn(q, k, v, scale, backend, dropout_p, seed)
+        return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
+
+    @attention_lse.register_fake
+    def _(q, k, v, scale, backend, dropout_p, seed):
+        return q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))
+
+    @torch.library.custom_op(f"{namespace}::attention_lse_backward", mutates_args=())
+    def attention_lse_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               out: torch.Tensor, lse: torch.Tensor, scale: float, backend: str, dropout_p: float,
+                               seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            grads = backward_fn(grad_out, q, k, v, out, lse, scale, backend, dropout_p, seed)
+        return tuple(g.contiguous() for g in grads)
+
+    @attention_lse_backward.register_fake
+    def _(grad_out, q, k, v, out, lse, scale, backend, dropout_p, seed):
+        return tuple(x.new_empty(x.shape) for x in (q, k, v))
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, backend, dropout_p, seed = inputs
+        ctx.save_for_backward(q, k, v, *output, seed)
+        ctx.scale, ctx.backend, ctx.dropout_p = scale, backend, dropout_p
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, seed = ctx.saved_tensors
+        dq, dk, dv = attention_lse_backward(grad_out.contiguous(), q, k, v, out, lse, ctx.scale, ctx.backend,
+                                            ctx.dropout_p, seed)
+        return dq, dk, dv, None, None, None, None
+
+    attention_lse.register_autograd(backward, setup_context=setup_context)
+    return ops.attention_lse
+
+
+def _lse_dtype(q):
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def run_as_operator(q):
