@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import EXAMPLE_FILES
+from conftest import EXAMPLE_FILES, EXAMPLES_DIR
 from tolerance import assert_within_eager_error, forward_backward
 
 import patterncc
@@ -55,6 +55,38 @@ def test_blocksparse_family_rejects_mismatched_heads():
     q = torch.randn(1, 6, 32, 16)
     with pytest.raises(ValueError, match="multiple of 4 heads, got 6"):
         blocksparse_attention(q, q, q, block_masks)
+
+
+@pytest.mark.parametrize("source, params, n", [
+    ("strided.attn", dict(l=8), 1000),  # the stride head's CPU plan is grid transposed at this n
+    ("fixed.attn", dict(l=16, c=3), 333),
+    ("pattern p(l = 24) { causal block 16 head a = local(l) head b = stride(l) combine merged }", {}, 400),
+    ("pattern p() { causal block 16 head a = where j > i }", {}, 50),  # no row has a key
+], ids=["strided-transposed", "fixed", "split", "empty"])
+def test_cpu_backward_from_lse_equals_autograd(source, params, n):
+    """The CPU path's backward from the forward's output and LSE (no saved probabilities) equals autograd through
+    the CPU path, float64: grouped-query attention, split heads, a grid-transposed plan, dropout, rows without keys."""
+    from patterncc.families.blocksparse.cpu import (blocksparse_attention_torch, blocksparse_torch_backward,
+                                                    cpu_gather)
+    from patterncc.families.shared.dropout import Dropout
+
+    attn = patterncc.load(EXAMPLES_DIR / source if source.endswith(".attn") else source, **params)
+    masks = __import__("sys").modules[type(attn).__module__].PATTERN_MASKS
+    if source == "strided.attn":
+        assert cpu_gather(masks.layout(n, "cpu"), 1).positions is not None, "the plan is not transposed"
+    heads = 2 * len(masks.head_masks)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, heads, n, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, heads // 2, n, 16, generator=generator, dtype=torch.float64, requires_grad=True)
+            for _ in range(2))
+    grad = torch.randn(2, heads, n, 16, generator=generator, dtype=torch.float64)
+    for dropout in (None, Dropout(0.3, 99)):
+        want = torch.autograd.grad(blocksparse_attention_torch(q, k, v, masks, 0.25, dropout), (q, k, v), grad)
+        with torch.no_grad():
+            out, lse = blocksparse_attention_torch(q, k, v, masks, 0.25, dropout, with_lse=True)
+            got = blocksparse_torch_backward(q, k, v, out, lse, grad, masks, 0.25, dropout)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=f"{name}, dropout {dropout is not None}")
 
 
 def test_library_names_are_unique_and_every_definition_assembles():
