@@ -66,8 +66,7 @@ def test_blocksparse_family_rejects_mismatched_heads():
 def test_cpu_backward_from_lse_equals_autograd(source, params, n):
     """The CPU path's backward from the forward's output and LSE (no saved probabilities) equals autograd through
     the CPU path, float64: grouped-query attention, split heads, a grid-transposed plan, dropout, rows without keys."""
-    from patterncc.families.blocksparse.cpu import (blocksparse_attention_torch, blocksparse_torch_backward,
-                                                    cpu_gather)
+    from patterncc.families.blocksparse.cpu import blocksparse_attention_torch, blocksparse_torch_backward, cpu_gather
     from patterncc.families.shared.dropout import Dropout
 
     attn = patterncc.load(EXAMPLES_DIR / source if source.endswith(".attn") else source, **params)
