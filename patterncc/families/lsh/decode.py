@@ -8,13 +8,13 @@ order of positions 0..t, t is the last of its bucket b: its slot is (positions w
 per-bucket counts; a key j sits at slot (keys with a smaller bucket) + (keys of j's bucket before j), the second
 term fixed when j arrives. The cache keeps the counts and the keys' order as a list, so a step reads its window's
 2 x chunk slots of that list directly; the count of rounds, the self rule and the combination of rounds are the
-forward's. Per step and round: O(buckets) for the slots, one O(t) integer copy to insert the new key into the
-sorted list, and rounds x 2 x chunk scored keys.
+forward's. Per step and round: O(buckets) for the slots, one O(t) integer copy (of the tail past its slot) to
+insert the new key into the sorted list, and rounds x 2 x chunk scored keys.
 """
 
 import torch
 
-from ..shared.decode import cache_read_values
+from ..shared.decode import cache_read_values, rows_of_batches
 from ..shared.heads import heads_of, per_q_head, query_heads
 from .cpu import lsh_combine_rounds
 from .ops import _lsh_buckets
@@ -75,9 +75,13 @@ def _insert_one(state, t):
     state.member_k[..., t:t + 1] = state.count_k.gather(-1, bucket_k)
     state.count_k.scatter_add_(-1, bucket_k, torch.ones_like(bucket_k))
     slot = state.count_k.cumsum(-1).gather(-1, bucket_k) - 1  # [B, H, R, 1]
-    index = torch.arange(t + 1, device=slot.device)
-    shifted = state.sorted_k[..., :t + 1].gather(-1, (index - (index > slot).to(index.dtype)).clamp(min=0))
-    state.sorted_k[..., :t + 1] = shifted.scatter_(-1, slot, torch.full_like(slot, t))
+    # Per (batch, head, round) row, the keys after the slot move up by one: a copy of the row's tail, which is
+    # several times cheaper than one gather over whole rows when rows are few (measured: 1.8 ms a step for 16
+    # rows at t = 17k, against about 0.1 ms).
+    for row, at in zip(state.sorted_k.view(-1, state.sorted_k.shape[-1]), slot.flatten().tolist()):
+        if at < t:
+            row[at + 1:t + 1] = row[at:t].clone()
+        row[at] = t
 
 
 def lsh_decode_row(q_t, cache, kv_heads, state, t, chunk, shared_qk, scale):
@@ -102,7 +106,7 @@ def lsh_decode_row(q_t, cache, kv_heads, state, t, chunk, shared_qk, scale):
     window = window & (slots >= 0) & (slots <= t)
     allowed = window & (candidates != t) if shared_qk else window  # shared_qk: the self rule
     index = candidates.reshape(batch, heads, rounds * width)
-    keys = state.keys.gather(2, index[..., None].expand(-1, -1, -1, state.keys.shape[-1]))
+    keys = rows_of_batches(state.keys.flatten(0, 1), index.flatten(0, 1)).view(batch, heads, rounds * width, -1)
     scores = torch.einsum("bhd,bhjd->bhj", q_t.to(keys.dtype), keys).view(batch, heads, rounds, width) * scale
     scores = scores - torch.log(count.to(scores.dtype).clamp(min=1.0))  # rounds holding the pair, counted once
     masked = torch.where(allowed, scores, float("-inf"))
