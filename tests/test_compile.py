@@ -151,14 +151,14 @@ def test_operators_pass_opcheck(example):
             torch.library.opcheck(module.ATTENTION_LSE_OP, (q, k, v, HEAD_DIM ** -0.5, "auto", *dropout))
 
 
-@pytest.mark.parametrize("name, source", [
-    ("strided-gqa", EXAMPLES_DIR / "strided.attn"),
-    ("split", "pattern p(l = 24) { causal block 16 head a = local(l) head b = stride(l) combine merged }")],
-    ids=["strided-gqa", "split"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("name, source, backend", [
+    ("strided-gqa", EXAMPLES_DIR / "strided.attn", "torch"),
+    ("split", "pattern p(l = 24) { causal block 16 head a = local(l) head b = stride(l) combine merged }", "torch"),
+    ("strided-gqa", EXAMPLES_DIR / "strided.attn", "triton")], ids=["torch-strided-gqa", "torch-split", "triton"])
 def test_lse_operator_backward_equals_eager(name, source, backend):
     """The set-head operator's backward (from the forward's LSE, no recomputed forward) gives eager's gradients:
-    grouped-query attention, heads split into parts, with and without dropout; the CPU path and the kernels."""
+    grouped-query attention, heads split into parts, with and without dropout; the CPU path and the kernels (split
+    heads in the kernels: their backward is eager's own, tested in test_dropout and test_kernels)."""
     attn = patterncc.load(source, l=8) if name == "strided-gqa" else patterncc.load(source)
     module = sys.modules[type(attn).__module__]
     dtype = torch.float64 if backend == "torch" else torch.float32
