@@ -41,6 +41,7 @@ class CpuPlan(NamedTuple):
     positions: torch.Tensor | None  # the visiting order (None: natural)
     chunks: list  # of CpuChunk, covering every query tile in order
     has_keys: torch.Tensor  # [tiles, block, 1]: 1 for rows with an allowed key, 0 otherwise
+    unpermute: torch.Tensor | None  # each position's slot in the visiting order (None: natural)
 
 
 def cpu_gather(layout, mask):
@@ -104,7 +105,8 @@ def _plan(layout, mask, classes, positions):
         chunks.append(chunk._replace(blocked=~allowed))
         has_keys.append(rows_with_keys)
         start = stop
-    return CpuPlan(positions, chunks, torch.cat(has_keys))
+    unpermute = None if positions is None else torch.argsort(positions)
+    return CpuPlan(positions, chunks, torch.cat(has_keys), unpermute)
 
 
 def _compact(layout, mask, classes, index, counts, first_tile, pos, real):
@@ -179,8 +181,8 @@ class _MaskRows(NamedTuple):
 
     def positions(self, x, n):
         """Per-slot x [batch, heads, tiles x block, ...] in the plan's order -> original positions, [:, :, :n]."""
-        if PERMUTED_ORDERS and self.plan.positions is not None:
-            return x[:, :, torch.argsort(self.plan.positions)]
+        if PERMUTED_ORDERS and self.plan.unpermute is not None:
+            return x[:, :, self.plan.unpermute]
         return x[:, :, :n]
 
 
@@ -396,9 +398,10 @@ def blocksparse_torch_backward(q, k, v, out, lse, grad, masks, scale, dropout=No
     delta = (grad * out.to(compute)).sum(-1)  # rowsum(dO * O), O after dropout
     dq = torch.zeros_like(qc)
     dk_per_q, dv_per_q = (torch.zeros(batch, num_q_heads, n, dim, dtype=compute, device=q.device) for _ in range(2))
+    lse = lse.to(compute)
     for mask, heads in _heads_by_mask(masks, num_q_heads).items():
-        shares = _cpu_attention_mask_backward(qc, kc, vc, scale, layout, mask, heads, q_per_kv, lse.to(compute),
-                                              grad, delta, dropout)
+        shares = _cpu_attention_mask_backward(qc, kc, vc, scale, layout, mask, heads, q_per_kv, lse, grad, delta,
+                                              dropout)
         for total, share in zip((dq, dk_per_q, dv_per_q), shares):
             total[:, heads] += share
     # Grouped-query attention: a kv head's gradient sums over the query heads that share it.

@@ -82,14 +82,20 @@ def lsh_attention_torch(q, k, v, plan, chunk, causal, shared_qk, scale, dropout=
     per_round = [_lsh_round_torch(q, k, v, plan, r, chunk, causal, shared_qk, scale, dropout) for r in range(rounds)]
     out_r = torch.stack([out for out, _ in per_round], dim=2)  # [B, H, R, n, D]
     lse_r = torch.stack([lse for _, lse in per_round], dim=2)  # [B, H, R, n]
-    own_values = None
-    if shared_qk:  # the self rule's fallback v_i, dropped by pair (i, i)
-        own_values = v if dropout is None else v * lsh_self_weight(dropout, *q.shape[:3], q.device, v.dtype)
+    own_values = lsh_self_values(v, dropout) if shared_qk else None
     return lsh_combine_rounds(out_r, lse_r, own_values)
 
 
-def lsh_self_weight(dropout, batch, heads, n, device, dtype=torch.float32):
-    """The self rule's fallback weight on v_i, (batch, heads, n, 1) in dtype: pair (i, i)'s dropout multiplier."""
+def lsh_self_values(x, dropout):
+    """The self rule's fallback on x (batch, heads, n, d): v_i itself (or dO_i for its gradient), times pair
+    (i, i)'s dropout multiplier when there is dropout."""
+    if dropout is None:
+        return x
+    return x * _self_weight(dropout, *x.shape[:3], x.device, x.dtype)
+
+
+def _self_weight(dropout, batch, heads, n, device, dtype):
+    """Pair (i, i)'s dropout multiplier per position, (batch, heads, n, 1) in dtype."""
     i = torch.arange(n, device=device)
     keep = dropout_keep(dropout, dropout_offsets(batch, heads, n, torch.arange(heads, device=device), i, i))
     return (keep.to(dtype) * dropout.scale)[..., None]

@@ -44,7 +44,7 @@ from ..shared.launch import (
     launch_kernel,
     uses_triton,
 )
-from .cpu import lsh_attention_torch, lsh_self_weight
+from .cpu import lsh_attention_torch, lsh_self_values
 
 try:
     import triton
@@ -198,27 +198,25 @@ class _LshTritonAttention(torch.autograd.Function):
         plan = {"perm_q": perm_q, "perm_k": perm_k, "code_q": code_q, "code_k": code_k}
         out, lse = _lsh_fwd(q, k, v, plan, chunk, causal, shared_qk, scale, dropout)
         has_keys = lse > float("-inf")
-        self_weight = None
         if shared_qk:  # the self rule's fallback: v_i (times pair (i, i)'s dropout multiplier)
-            self_weight = (torch.ones(*q.shape[:3], 1, device=q.device) if dropout is None
-                           else lsh_self_weight(dropout, *q.shape[:3], q.device))
-            out = torch.where(has_keys[..., None], out, v.float() * self_weight)
+            out = torch.where(has_keys[..., None], out, lsh_self_values(v.float(), dropout))
         out = out.to(q.dtype)
         # +inf makes every exp2(s - LSE) of a row without keys 0 in the backward kernels.
         lse = torch.where(has_keys, lse, torch.full_like(lse, float("inf")))
-        ctx.save_for_backward(q, k, v, out, lse, perm_q, perm_k, code_q, code_k, self_weight)
+        ctx.save_for_backward(q, k, v, out, lse, perm_q, perm_k, code_q, code_k)
         ctx.params = (chunk, causal, shared_qk, scale, dropout)
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, out, lse, perm_q, perm_k, code_q, code_k, self_weight = ctx.saved_tensors
+        q, k, v, out, lse, perm_q, perm_k, code_q, code_k = ctx.saved_tensors
         chunk, causal, shared_qk, scale, dropout = ctx.params
         plan = {"perm_q": perm_q, "perm_k": perm_k, "code_q": code_q, "code_k": code_k}
         do = do.contiguous()
         dq, dk, dv = _lsh_bwd(q, k, v, out, lse, do, plan, chunk, causal, shared_qk, scale, dropout)
         if shared_qk:
-            dv = dv + torch.where(torch.isinf(lse)[..., None], do.float() * self_weight, torch.zeros_like(dv))
+            fallback = lsh_self_values(do.float(), dropout)  # the gradient of the self rule's v_i
+            dv = dv + torch.where(torch.isinf(lse)[..., None], fallback, torch.zeros_like(dv))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *[None] * 9
 
 
