@@ -38,6 +38,12 @@ class Dropout:
 _STREAM_STEP = 0x9E3779B97F4A7C15
 
 
+def call_dropout(dropout_p, seed):
+    """A call's Dropout from its probability and seed (a 0-d tensor, as dropout_seed draws it), or None without
+    dropout (seed None)."""
+    return None if seed is None else Dropout(dropout_p, int(seed))
+
+
 def dropout_kernel_args(dropout):
     """The kernels' (seed, threshold, keep scale): unused (and constant) without dropout."""
     return (0, 0, 1.0) if dropout is None else (dropout.seed, dropout.threshold, dropout.scale)
